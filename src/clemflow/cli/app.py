@@ -10,12 +10,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
-    from . import specimen  # noqa: F401
+    from . import demo, protocol_commands, run, specimen  # noqa: F401
 
 
 def main() -> None:

@@ -28,11 +28,11 @@ _MATTEK_ROWS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class GridScheme(BaseModel):
     """Pitch, bar width and label layout of a gridded coverslip."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     name: str = Field("mattek", description="Name of the grid, for the record.")
-    pitch: Length = Field(600e-6, description="Centre-to-centre distance of neighbouring bars, e.g. '600 um'.")
-    bar_width: Length = Field(40e-6, description="Width of an etched bar, e.g. '40 um'.")
+    pitch: Length = Field("600 um", description="Centre-to-centre distance of neighbouring bars, e.g. '600 um'.")
+    bar_width: Length = Field("40 um", description="Width of an etched bar, e.g. '40 um'.")
     columns: str = Field(
         _MATTEK_COLUMNS, description="One character per column, left to right as seen with glyphs upright."
     )

@@ -118,6 +118,8 @@ _DISPLAY = {
 def format_quantity(value: float, dimension: str) -> str:
     """Format an SI value with the largest unit that keeps the number at or above 1."""
     for factor, unit in _DISPLAY[dimension]:
+        if unit == "d" and abs(value) < 3 * 86400:
+            continue  # "48 h" reads better than "2 d" in a time course
         if abs(value) >= factor * 0.999999:
             return f"{value / factor:.4g} {unit}"
     factor, unit = _DISPLAY[dimension][-1]

@@ -1,0 +1,1 @@
+"""The FIB-SEM side: estimates now; the slice-and-view engine arrives with its issue."""

@@ -1,0 +1,1 @@
+"""Where data and records go: the run folder and its journal."""

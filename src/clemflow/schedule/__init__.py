@@ -1,0 +1,1 @@
+"""When things happen: clocks, the absolute timeline of a protocol, and (later) the runner."""

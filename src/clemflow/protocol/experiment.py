@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
@@ -35,18 +36,31 @@ class Sample(ProtocolModel):
     )
 
 
+_CONCENTRATION = r"^\s*\d+(\.\d+)?([eE][-+]?\d+)?\s*(ug/mL|µg/mL|mg/mL|ng/mL|pM|nM|uM|µM|mM|particles/mL)\s*$"
+
+
 class Treatment(ProtocolModel):
     """The nanoparticles added at t = 0."""
 
     particle: str = Field(min_length=1, description="Particle name, e.g. 'SiO2-Cy5 50 nm'.")
     concentration: str = Field(
-        pattern=r"^\s*\d+(\.\d+)?\s*(ug/mL|µg/mL|mg/mL|ng/mL|pM|nM|uM|µM|mM|particles/mL)\s*$",
+        pattern=_CONCENTRATION,
         description="Concentration with its unit, e.g. '50 ug/mL' or '1 nM'.",
     )
     added_at: datetime | None = Field(
         None,
         description="Wall-clock time the particles were added (ISO 8601). Leave empty to confirm it at the start of the run.",
     )
+
+
+    @field_validator("concentration", mode="before")
+    @classmethod
+    def _with_unit(cls, value: object) -> object:
+        if not (isinstance(value, str) and re.match(_CONCENTRATION, value)):
+            raise ValueError(
+                f"{value!r} is not a concentration with its unit; write e.g. '50 ug/mL', '1 nM' or '1e10 particles/mL'"
+            )
+        return value
 
 
 class Stain(ProtocolModel):

@@ -122,25 +122,30 @@ class TubeSet:
 # -- cell body geometry, shared by Cell and the vectorised world generator ---------------
 
 
-def polar_radius(base_um: np.ndarray, harmonics: np.ndarray, ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
+def polar_radius(base_um, harmonics: np.ndarray, ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
     """Outline radius r(theta) = base * (1 + sum_k a_k cos k theta + b_k sin k theta), k = 2, 3, ...
 
-    ``(ux, uy)`` is the unit direction (cos theta, sin theta); powers of the complex
-    number ux + i uy give cos k theta, sin k theta without trigonometric calls.
-    ``harmonics`` is (..., K, 2) broadcastable against ``ux``'s shape + (K, 2).
+    ``(ux, uy)`` is the unit direction (cos theta, sin theta); the angle-addition
+    recurrence gives cos k theta, sin k theta without trigonometric calls.
+    ``harmonics`` is (K, 2) for one cell, or (N, K, 2) with ``ux`` of shape (N,).
     """
-    u = ux + 1j * uy
-    uk = u * u
-    total = np.ones(np.shape(u))
+    ck, sk = ux, uy
+    total = np.ones(np.shape(ux))
     for k in range(harmonics.shape[-2]):
-        total = total + harmonics[..., k, 0] * uk.real + harmonics[..., k, 1] * uk.imag
-        uk = uk * u
-    return base_um * total
+        ck, sk = ck * ux - sk * uy, sk * ux + ck * uy
+        a, b = harmonics[..., k, 0], harmonics[..., k, 1]
+        total += a * ck
+        total += b * sk
+    total *= base_um
+    return total
 
 
 def profile_height(rho: np.ndarray, height_um: np.ndarray | float, exponent: np.ndarray | float) -> np.ndarray:
     """Dome-like top surface: height * (1 - rho^2)^exponent inside the footprint, 0 outside."""
-    inside = np.clip(1.0 - rho * rho, 0.0, None)
+    inside = 1.0 - rho * rho
+    np.clip(inside, 0.0, None, out=inside)
+    if np.ndim(exponent) == 0 and exponent == 1.0:
+        return height_um * inside
     return height_um * inside**exponent
 
 
@@ -179,22 +184,33 @@ class Cell:
     def rho(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normalised radius: distance from the centre over r(theta); < 1 inside the footprint.
 
-        Points outside the bounding circle get +inf without evaluating the outline.
+        Broadcasts ``x`` against ``y`` (pass a row of x and a column of y for a
+        plane). Points beyond the bounding circle get +inf without evaluating the outline.
         """
-        x = np.asarray(x, dtype=float)
-        y = np.asarray(y, dtype=float)
-        dx, dy = np.broadcast_arrays(x - self.center_um[0], y - self.center_um[1])
+        dx = np.asarray(x, dtype=float) - self.center_um[0]
+        dy = np.asarray(y, dtype=float) - self.center_um[1]
+        dx, dy = np.broadcast_arrays(dx, dy)
         d2 = dx * dx + dy * dy
-        out = np.full(dx.shape, np.inf)
         near = d2 < self.max_radius_um**2
-        if not near.any():
+        n_near = np.count_nonzero(near)
+        if n_near > 0.25 * near.size:  # gathering would cost more than evaluating everywhere
+            out = self._rho_near(dx, dy, d2)
+            out[~near] = np.inf
             return out
-        dxn, dyn = dx[near], dy[near]
-        d = np.sqrt(d2[near])
-        safe = np.where(d > 0, d, 1.0)
-        r = polar_radius(self.base_radius_um, self.harmonics, np.where(d > 0, dxn / safe, 1.0), dyn / safe)
-        out[near] = d / r
+        out = np.full(d2.shape, np.inf)
+        if n_near:
+            out[near] = self._rho_near(dx[near], dy[near], d2[near])
         return out
+
+    def _rho_near(self, dx: np.ndarray, dy: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        d = np.sqrt(d2)
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        ux = dx * inv
+        ux[d == 0] = 1.0
+        uy = dy * inv
+        r = polar_radius(self.base_radius_um, self.harmonics, ux, uy)
+        np.divide(d, r, out=d)
+        return d
 
     def height_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Top-surface height z (µm) above the glass at (x, y); 0 outside the footprint."""

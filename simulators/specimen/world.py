@@ -381,13 +381,19 @@ def _place_spheres(rng, cells: _CellArrays, owner, radius, occ: _Occupancy, memb
         todo = np.flatnonzero(~placed)
         if len(todo) == 0:
             break
-        cand = _sample_in_cells(rng, cells, owner[todo], radius[todo], membrane)
+        # several candidates per object and round; the first valid one of each goes forward
+        tries = 3 if len(todo) > 2000 else 12
+        rep = np.tile(todo, tries)
+        cand = _sample_in_cells(rng, cells, owner[rep], radius[rep], membrane)
         ok = cand[:, 2] >= 0
-        ok[ok] = cells.valid_sphere(owner[todo][ok], cand[ok], radius[todo][ok], membrane)
-        idx = todo[ok]
-        good = ~occ.clashes(cand[ok], radius[idx])
+        ok[ok] = cells.valid_sphere(owner[rep][ok], cand[ok], radius[rep][ok], membrane)
+        first = np.flatnonzero(ok)
+        first = first[np.unique(rep[first], return_index=True)[1]]
+        first.sort()  # candidates keep the order in which they were drawn
+        idx, cand = rep[first], cand[first]
+        good = ~occ.clashes(cand, radius[idx])
         idx = idx[good]
-        centers[idx] = cand[ok][good]
+        centers[idx] = cand[good]
         placed[idx] = True
         occ.add(centers[idx], radius[idx])
     return centers, placed
@@ -545,23 +551,36 @@ class _Lattice:
 
 
 def _pack_clusters(rng, lat: _Lattice, centers, n_sites, occupancy, o: OrganelleParams):
-    """Particles of every cluster on a jittered, randomly rotated lattice; none overlap."""
+    """Particles of every cluster on a jittered, randomly oriented lattice; none overlap.
+
+    Each cluster takes the first ``n_sites`` sites (nearest the centre) of one of
+    a few dozen pre-rotated copies of the lattice; rotation keeps distances, so
+    the sort by distance holds for every copy.
+    """
     n = len(n_sites)
-    rot = _random_rotations(rng, n)
-    cl = np.repeat(np.arange(n), n_sites)
-    site = np.arange(cl.size) - np.repeat(np.cumsum(n_sites) - n_sites, n_sites)
-    keep = (site == 0) | (rng.uniform(0, 1, cl.size) < occupancy[cl])
+    if n == 0:
+        return np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0)
+    n_orient = 48
+    rot = _random_rotations(rng, n_orient)
+    templates = np.einsum("oij,sj->osi", rot, lat.sites)  # (orientations, sites, 3)
+    orient = rng.integers(0, n_orient, n)
+    total = int(n_sites.sum())
+    cl = np.repeat(np.arange(n, dtype=np.int32), n_sites)
+    site = np.arange(total) - np.repeat(np.cumsum(n_sites) - n_sites, n_sites)
+    keep = (site == 0) | (rng.uniform(0, 1, total) < occupancy[cl])
     cl, site = cl[keep], site[keep]
+    m = cl.size
     d_max = o.particle_diameter_nm[1] * 1e-3
     jitter = (lat.spacing - d_max) / (2 * np.sqrt(3))
-    off = np.einsum("nij,nj->ni", rot[cl], lat.sites[site]) + rng.uniform(-jitter, jitter, (cl.size, 3))
+    off = templates[orient[cl], site]
+    off += rng.uniform(-jitter, jitter, (m, 3))
     pts = centers[cl] + off
-    pr = rng.uniform(*o.particle_diameter_nm, cl.size) * 0.5e-3
+    pr = rng.uniform(*o.particle_diameter_nm, m) * 0.5e-3
     counts = np.bincount(cl, minlength=n)
     start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    env = np.zeros(n)
-    np.maximum.at(env, cl, np.linalg.norm(off, axis=1) + pr)
-    return pts, pr, cl.astype(np.int32), start, counts.astype(np.int32), env
+    reach = np.sqrt(np.einsum("ij,ij->i", off, off)) + pr
+    env = np.maximum.reduceat(reach, start[:-1])  # every cluster keeps its centre particle: no empty groups
+    return pts, pr, cl, start, counts.astype(np.int32), env
 
 
 def _make_mitochondria(rng, p: SpecimenParams, arr: _CellArrays, occ: _Occupancy) -> TubeSet:

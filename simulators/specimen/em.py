@@ -67,7 +67,7 @@ def _texture(seed: int, kind: str) -> TextureBank:
         if kind == "fine":
             _TEXTURES[key] = TextureBank(seed, 0.005, 1.2, 1)
         else:
-            _TEXTURES[key] = TextureBank(seed, 0.02, 2.5, 2)
+            _TEXTURES[key] = TextureBank(seed, 0.01, 5.0, 2)
     return _TEXTURES[key]
 
 
@@ -121,18 +121,29 @@ def _draw_cell(cv: Canvas, scene: EMScene, cf: CellFace) -> None:
     if got is None:
         return
     cs, lo, hi, cosine = got
-    pad = 4 * max(cv.edge, cv.msig) + cv.p
+    band = 4 * max(cv.edge, cv.msig) + cv.p
     finite = np.isfinite(hi)
-    rs = cv.rows(lo[finite].min() - pad, hi[finite].max() + pad)
+    rs = cv.rows(lo[finite].min() - band, hi[finite].max() + band)
     if rs.start >= rs.stop:
         return
-    v = cv.v[rs][:, None]
-    d_top = (hi[None, :] - v) * cosine[None, :]
-    d_bot = v - lo[None, :]
-    d = -np.minimum(d_top, d_bot).astype(np.float32)  # positive outside
-    d[:, ~finite] = np.float32(10.0)
-    cv.fill(rs, cs, d, LOOK.cytoplasm, LOOK.cytoplasm_tex)
-    cv.membrane(rs, cs, d, 1.0)
+    j0 = cs.start
+    for rt, ct in cv.tiles(rs, cs):
+        sub = slice(ct.start - j0, ct.stop - j0)
+        h, l, c = hi[sub], lo[sub], cosine[sub]
+        if not np.isfinite(h).any():
+            continue
+        vmin, vmax = cv.v[rt.start], cv.v[rt.stop - 1]
+        if np.isfinite(h).all() and min(float(np.min((h - vmax) * c)), vmin - float(l.max())) > band:
+            cv.dens[rt, ct] = LOOK.cytoplasm  # interior: flat fill, no membrane
+            cv.tex[rt, ct] = LOOK.cytoplasm_tex
+            continue
+        if max(float(np.max(np.where(np.isfinite(h), h, -1e9) - vmin)), 0.0) < -band or vmax < float(l.min()) - band:
+            continue
+        v = cv.v[rt][:, None]
+        d = -np.minimum((h[None, :] - v) * c[None, :], v - l[None, :]).astype(np.float32)  # positive outside
+        d[:, ~np.isfinite(h)] = np.float32(10.0)
+        cv.fill(rt, ct, d, LOOK.cytoplasm, LOOK.cytoplasm_tex)
+        cv.membrane(rt, ct, d, 1.0)
     _draw_nucleus(cv, scene, cf)
 
 
@@ -153,30 +164,45 @@ def _draw_nucleus(cv: Canvas, scene: EMScene, cf: CellFace) -> None:
     if qmin >= 1.0:
         return
     span = 1.0 - qmin
-    pad = 0.3 + 4 * cv.edge + cv.p
-    hu, hv = np.sqrt(span * minv[0, 0]) + pad, np.sqrt(span * minv[1, 1]) + pad
+    a_min = float(np.sqrt(span / np.linalg.eigvalsh(m).max()))  # shortest semi-axis of the section
+    band = 0.2 + 4 * max(cv.edge, cv.msig) + cv.p  # rim heterochromatin + envelope
+    hu, hv = np.sqrt(span * minv[0, 0]) + band, np.sqrt(span * minv[1, 1]) + band
     rs, cs = cv.rows(w0[1] - hv, w0[1] + hv), cv.cols(w0[0] - hu, w0[0] + hu)
     if rs.start >= rs.stop or cs.start >= cs.stop:
         return
-    u = cv.u[cs][None, :]
-    v = cv.v[rs][:, None]
-    q = c0 + lu * u + lv * v + quu * u * u + 2 * quv * u * v + qvv * v * v
-    gu = lu + 2 * quu * u + 2 * quv * v
-    gv = lv + 2 * quv * u + 2 * qvv * v
-    d = ((q - 1.0) / np.sqrt(gu * gu + gv * gv + 1e-12)).astype(np.float32)  # µm, positive outside
-    # heterochromatin: patches from coarse texture, plus a patchy layer under the envelope
-    coarse = _texture(scene.seed, "coarse").sample(cv.s, cv.u[cs], cv.v[rs], cv.p)
-    clumps = np.clip((coarse - 0.9) * 1.2, 0, 1)
-    rim = np.clip(1.0 - (-d - 0.02) / 0.12, 0, 1) * np.clip(coarse + 1.1, 0, 1)
-    nuc = np.float32(LOOK.nucleoplasm) + np.float32(LOOK.heterochromatin) * np.maximum(clumps, rim).astype(np.float32)
-    cv.fill(rs, cs, d, nuc, LOOK.nucleoplasm_tex)
-    pores = np.clip((coarse - 1.7) * 4, 0, 1)  # gaps in the envelope
-    env = 1.0 - 0.8 * pores
-    cv.membrane(rs, cs, d * 1, 1.0 * 1)
-    x = (d + 0.03) * (1.0 / cv.msig)
-    cv.dens[rs, cs] += (np.float32(cv.mpeak) * np.exp(-0.5 * x * x) * env).astype(np.float32)
-    y = (d + 0.015) * (1.0 / 0.008)
-    cv.dens[rs, cs] -= (0.06 * np.exp(-0.5 * y * y) * env).astype(np.float32)  # perinuclear space
+    r_in = max(1.0 - band / a_min, 0.0)
+
+    def qf(u: NDArray, v: NDArray) -> NDArray:
+        return c0 + lu * u + lv * v + quu * u * u + 2 * quv * u * v + qvv * v * v
+
+    coarse_all = _texture(scene.seed, "coarse").sample(cv.s, cv.u[cs], cv.v[rs], cv.p)
+    for rt, ct in cv.tiles(rs, cs):
+        uu = np.array([cv.u[ct.start], cv.u[ct.stop - 1]])
+        vv = np.array([cv.v[rt.start], cv.v[rt.stop - 1]])
+        corners = qf(uu[None, :], vv[:, None])
+        coarse = coarse_all[rt.start - rs.start : rt.stop - rs.start, ct.start - cs.start : ct.stop - cs.start]
+        clumps = np.clip((coarse - np.float32(1.3)) * np.float32(1.5), 0, 1)
+        if np.sqrt(max((corners.max() - qmin) / span, 0.0)) < r_in:  # interior tile
+            cv.dens[rt, ct] = np.float32(LOOK.nucleoplasm) + np.float32(LOOK.heterochromatin) * clumps
+            cv.tex[rt, ct] = LOOK.nucleoplasm_tex
+            continue
+        u = cv.u[ct][None, :]
+        v = cv.v[rt][:, None]
+        q = qf(u, v)
+        gu = lu + 2 * quu * u + 2 * quv * v
+        gv = lv + 2 * quv * u + 2 * qvv * v
+        d = ((q - 1.0) / np.sqrt(gu * gu + gv * gv + 1e-12)).astype(np.float32)  # µm, positive outside
+        if float(d.min()) > 4 * max(cv.edge, cv.msig):
+            continue
+        rim = np.clip(1.0 - (-d - 0.03) / 0.08, 0, 1) * np.clip(coarse + 0.6, 0, 1)
+        nuc = np.float32(LOOK.nucleoplasm) + np.float32(LOOK.heterochromatin) * np.maximum(clumps, rim)
+        cv.fill(rt, ct, d, nuc, LOOK.nucleoplasm_tex)
+        env = 1.0 - 0.85 * np.clip((coarse - 1.5) * 4, 0, 1)  # nuclear pores: gaps in the envelope
+        for off, amp in ((0.0, 1.0), (-0.03, 1.0)):
+            x = (d - off) * (1.0 / cv.msig)
+            cv.dens[rt, ct] += (np.float32(cv.mpeak * amp) * np.exp(-0.5 * x * x) * env).astype(np.float32)
+        y = (d + 0.015) * (1.0 / 0.008)
+        cv.dens[rt, ct] -= (0.05 * np.exp(-0.5 * y * y) * env).astype(np.float32)  # perinuclear space
 
 
 def _density(scene: EMScene, s: float, u: Float, v: Float, pixel_um: float, kv: float) -> F32:
@@ -206,16 +232,22 @@ def _density(scene: EMScene, s: float, u: Float, v: Float, pixel_um: float, kv: 
     return cv.dens
 
 
-def _detect(
-    dens: F32, electrons: float, rng: np.random.Generator, detector: str
-) -> F32:
-    """Shot noise on the backscatter signal, then the inverted display (grey levels, float)."""
-    gain = 1.0 if detector == "EsB" else 0.6  # in-lens SE: weaker material contrast
-    y = np.maximum(np.float32(_YIELD0) + np.float32(_YIELD1 * gain) * dens, np.float32(1e-3))
-    mean = y * np.float32(electrons)
-    noisy = mean + np.sqrt(mean) * rng.standard_normal(dens.shape, dtype=np.float32)
-    est = (noisy * np.float32(1.0 / electrons) - np.float32(_YIELD0)) * np.float32(1.0 / (_YIELD1 * gain))
-    return np.float32(DISPLAY[0]) - np.float32(DISPLAY[1]) * est
+def _detect(dens: F32, electrons: float, rng: np.random.Generator, detector: str) -> F32:
+    """Shot noise on the backscatter signal, shown in the inverted display (grey levels, float).
+
+    Detected electrons n ~ N * y(density), y = Y0 + Y1 * density; the display
+    shows the density estimated from n, so the grey-level noise is
+    DISPLAY[1] / (Y1 * N) * sqrt(N * y): SD falls as 1/sqrt(dose).
+    """
+    gain = np.float32(1.0 if detector == "EsB" else 0.6)  # in-lens SE: weaker material contrast
+    y = np.maximum(np.float32(_YIELD0 / _YIELD1) + gain * dens, np.float32(1e-3))  # yield / Y1
+    k = DISPLAY[1] / np.sqrt(electrons * _YIELD1)
+    noise = rng.standard_normal(dens.shape, dtype=np.float32)
+    np.sqrt(y, out=y)
+    noise *= y
+    grey = np.float32(DISPLAY[0]) - np.float32(DISPLAY[1]) * gain * dens
+    grey -= np.float32(k) * noise
+    return grey
 
 
 def render_em_slice(

@@ -89,6 +89,12 @@ class Canvas:
             return None
         return rs, cs
 
+    def tiles(self, rs: slice, cs: slice, size: int = 128):
+        """Sub-boxes of a box, so that interiors can be filled flat and only boundaries computed."""
+        for i in range(rs.start, rs.stop, size):
+            for j in range(cs.start, cs.stop, size):
+                yield slice(i, min(i + size, rs.stop)), slice(j, min(j + size, cs.stop))
+
     # -- primitives ---------------------------------------------------------
 
     def fill(self, rs: slice, cs: slice, d: NDArray, dens: float | NDArray, tex: float) -> NDArray:

@@ -29,7 +29,16 @@ from .em_imperfections import DriftModel, EMImperfections, apply_blur, charging_
 from .em_scene import CellFace, EMScene, get_scene
 from .em_texture import TextureBank
 
-__all__ = ["render_em_slice", "FaceGeometry", "EMImperfections", "DriftModel", "detected_electrons", "DISPLAY"]
+__all__ = [
+    "DISPLAY",
+    "DriftModel",
+    "EMImperfections",
+    "FaceGeometry",
+    "detected_electrons",
+    "face_coordinates",
+    "face_through",
+    "render_em_slice",
+]
 
 Float = NDArray[np.float64]
 F32 = NDArray[np.float32]
@@ -44,6 +53,18 @@ _YIELD0, _YIELD1 = 0.15, 0.85  # BSE yield = _YIELD0 + _YIELD1 * density
 def detected_electrons(dwell_s: float, line_averaging: int, current_pa: float) -> float:
     """Mean detected electrons per pixel for density 1: the dose that sets the shot noise."""
     return ELECTRONS_REF * (dwell_s * line_averaging / 10e-6) * (current_pa / 1000.0)
+
+
+def face_coordinates(world: Any, points_dish_um: Float, face: FaceGeometry = FaceGeometry()) -> Float:
+    """Dish-frame points (N, 3) -> face coordinates (s, u, v): where they appear in the slice stack."""
+    return get_scene(world, face).frame.block_to_face(world.to_em(np.asarray(points_dish_um, float).reshape(-1, 3)))
+
+
+def face_through(world: Any, point_dish_um: Float, azimuth_deg: float = 0.0) -> FaceGeometry:
+    """A face geometry whose origin lies on the block surface right above a dish-frame point
+    (so that point sits at s = u = 0, at depth v below the surface)."""
+    b = world.to_em(np.asarray(point_dish_um, float).reshape(1, 3))[0]
+    return FaceGeometry((float(b[0]), float(b[1])), float(azimuth_deg))
 
 
 def _psf_sigma_nm(kv: float) -> float:

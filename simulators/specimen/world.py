@@ -234,6 +234,14 @@ class World:
             out[cell.rho(x, y) < 1.0] = cell.id
         return out
 
+    # -- truth ------------------------------------------------------------------
+
+    def truth(self) -> dict:
+        """truth.json content: parameters, seed, frames and per-cell metrics measured from the objects."""
+        from .truth import truth_dict
+
+        return truth_dict(self)
+
     def square_of_cell(self, cell: Cell) -> tuple[int, int]:
         sq = self.grid.square_at_um(*cell.center_um)
         assert sq is not None

@@ -61,14 +61,22 @@ class TextureBank:
         kf = s_um / LAYER_SPACING_UM
         k = int(np.floor(kf))
         w = float(kf - k)
-        cu = np.floor(np.asarray(u_um) / self.texel_um).astype(np.int64)
-        rv = np.floor(np.asarray(v_um) / self.texel_um).astype(np.int64)
+        # bilinear in the face plane, so that a sub-pixel shift of the raster shifts the texture exactly
+        fu = np.asarray(u_um, float) / self.texel_um
+        fv = np.asarray(v_um, float) / self.texel_um
+        cu, rv = np.floor(fu).astype(np.int64), np.floor(fv).astype(np.int64)
+        au = (fu - cu).astype(np.float32)[None, :]
+        av = (fv - rv).astype(np.float32)[:, None]
         out = None
         for layer, weight in ((k, 1.0 - w), (k + 1, w)):
             if weight < 1e-6:
                 continue
             oy, ox = self._offsets(layer)
-            part = tile[np.ix_((rv + oy) % TILE, (cu + ox) % TILE)]
+            r0 = (rv + oy) % TILE
+            rows = tile[r0] * (1 - av) + tile[(r0 + 1) % TILE] * av  # (H, TILE)
+            c0 = (cu + ox) % TILE
+            part = rows[:, c0]
+            part += (rows[:, (c0 + 1) % TILE] - part) * au
             out = part * np.float32(weight) if out is None else out + part * np.float32(weight)
         assert out is not None
         norm = 1.0 / np.sqrt((1.0 - w) ** 2 + w**2)

@@ -98,7 +98,7 @@ def test_drift_moves_image_by_recorded_amount(world, nucleus_face):
     assert np.allclose(-shift, expected, atol=0.1)
     # the same as rendering the face at the drifted centre: the drift is exactly the recorded beam offset
     bx, by = meta["drift"]["beam_offset_nm"]
-    offset, _ = render_em_slice(world, 0.3, (2.0 + bx * 1e-3, 2.0 + by * 1e-3), **kw)
+    offset, _ = render_em_slice(world, 0.3, (2.0 + bx * 1e-3, 2.0 + by * 1e-3), slice_index=6, **kw)
     assert np.abs(offset.astype(int) - moved.astype(int)).max() <= 1
     # deterministic and order-independent
     assert DriftModel.from_config(5, imp).offset_nm(6) == model.offset_nm(6)

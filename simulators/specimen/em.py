@@ -72,10 +72,11 @@ def _psf_sigma_nm(kv: float) -> float:
     return 2.0 * max(kv, 0.3) ** 1.5
 
 
-def _seed_of(seed: int | np.random.Generator | None) -> np.random.Generator:
+def _seed_of(seed: int | np.random.Generator | None, slice_index: int) -> np.random.Generator:
+    """Noise stream: a given Generator, else one from (seed, slice index) so slices never share noise."""
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(0 if seed is None else seed)
+    return np.random.default_rng([abs(int(seed or 0)), int(int(seed or 0) < 0), max(int(slice_index), 0)])
 
 
 _DRIFTS: dict[tuple[int, EMImperfections], DriftModel] = {}
@@ -202,7 +203,7 @@ def _draw_nucleus(cv: Canvas, scene: EMScene, cf: CellFace) -> None:
         vv = np.array([cv.v[rt.start], cv.v[rt.stop - 1]])
         corners = qf(uu[None, :], vv[:, None])
         coarse = coarse_all[rt.start - rs.start : rt.stop - rs.start, ct.start - cs.start : ct.stop - cs.start]
-        clumps = np.clip((coarse - np.float32(1.3)) * np.float32(1.5), 0, 1)
+        clumps = np.clip((coarse - np.float32(1.5)) * np.float32(1.2), 0, 1)
         if np.sqrt(max((corners.max() - qmin) / span, 0.0)) < r_in:  # interior tile
             cv.dens[rt, ct] = np.float32(LOOK.nucleoplasm) + np.float32(LOOK.heterochromatin) * clumps
             cv.tex[rt, ct] = LOOK.nucleoplasm_tex
@@ -215,7 +216,7 @@ def _draw_nucleus(cv: Canvas, scene: EMScene, cf: CellFace) -> None:
         d = ((q - 1.0) / np.sqrt(gu * gu + gv * gv + 1e-12)).astype(np.float32)  # µm, positive outside
         if float(d.min()) > 4 * max(cv.edge, cv.msig):
             continue
-        rim = np.clip(1.0 - (-d - 0.03) / 0.08, 0, 1) * np.clip(coarse + 0.6, 0, 1)
+        rim = np.clip(1.0 - (-d - 0.04) / 0.1, 0, 1) * np.clip(coarse + 1.2, 0, 1)
         nuc = np.float32(LOOK.nucleoplasm) + np.float32(LOOK.heterochromatin) * np.maximum(clumps, rim)
         cv.fill(rt, ct, d, nuc, LOOK.nucleoplasm_tex)
         env = 1.0 - 0.85 * np.clip((coarse - 1.5) * 4, 0, 1)  # nuclear pores: gaps in the envelope
@@ -302,7 +303,7 @@ def render_em_slice(
         raise ValueError(f"unknown detector {detector!r}: use 'EsB' or 'InLens'")
     w, h = int(shape[0]), int(shape[1])
     p = pixel_size_nm * 1e-3
-    rng = _seed_of(seed)
+    rng = _seed_of(seed, slice_index)
     scene = get_scene(world, face)
     meta: dict[str, Any] = {
         "face_depth_um": float(depth_um),

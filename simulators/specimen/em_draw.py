@@ -32,12 +32,12 @@ class Look:
     coating: float = 0.85
     vacuum: float = -0.15
     cytoplasm: float = 0.31
-    cytoplasm_tex: float = 0.07
+    cytoplasm_tex: float = 0.09
     nucleoplasm: float = 0.25
     nucleoplasm_tex: float = 0.06
     heterochromatin: float = 0.26  # added on top of nucleoplasm
     membrane_nm: float = 2.6  # integral density of a membrane, density x nm
-    mito: float = 0.43
+    mito: float = 0.5
     mito_tex: float = 0.05
     lysosome: float = 0.47
     lysosome_tex: float = 0.17

@@ -130,7 +130,7 @@ def _nucleus(cell: Any) -> tuple[Float, Float]:
     return np.asarray(c, float), q
 
 
-VESICLES_PER_UM3 = 2.5
+VESICLES_PER_UM3 = 10.0
 
 
 def _vesicles(world: Any, cells: list[CellFace], seed: int) -> tuple[Float, Float]:
@@ -149,7 +149,7 @@ def _vesicles(world: Any, cells: list[CellFace], seed: int) -> tuple[Float, Floa
             e = p - cf.nucleus_center
             keep &= np.einsum("ni,ij,nj->n", e, cf.nucleus_q, e) > 1.0
         out.append(p[keep])
-        rad.append(rng.uniform(0.02, 0.06, int(keep.sum())))
+        rad.append(0.02 + rng.gamma(2.0, 0.012, int(keep.sum())).clip(0, 0.1))
     if not out:
         return np.zeros((0, 3)), np.zeros(0)
     return np.concatenate(out), np.concatenate(rad)

@@ -30,8 +30,12 @@ def _base_tile(seed: int, sigma_texels: float, smooth_texels: float) -> NDArray[
     white = rng.standard_normal((TILE, TILE))
     k = np.fft.fftfreq(TILE)
     k2 = k[:, None] ** 2 + k[None, :] ** 2
-    spec = np.fft.fft2(white) * np.exp(-2 * np.pi**2 * k2 * sigma_texels**2)
-    tile = np.real(np.fft.ifft2(spec))
+    f = np.fft.fft2(white)
+    fine = np.real(np.fft.ifft2(f * np.exp(-2 * np.pi**2 * k2 * sigma_texels**2)))
+    # a second, 4x coarser component: the mottling of ribosome clusters and ER seen in real cytoplasm
+    white2 = np.fft.fft2(rng.standard_normal((TILE, TILE)))
+    coarse = np.real(np.fft.ifft2(white2 * np.exp(-2 * np.pi**2 * k2 * (4 * sigma_texels) ** 2)))
+    tile = 0.8 * fine / fine.std() + 0.6 * coarse / coarse.std()
     tile /= tile.std()
     if smooth_texels > 0:  # area sampling at coarse pixels: averaging lowers the contrast
         tile = np.real(np.fft.ifft2(np.fft.fft2(tile) * np.exp(-2 * np.pi**2 * k2 * smooth_texels**2)))

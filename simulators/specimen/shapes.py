@@ -142,8 +142,8 @@ def polar_radius(base_um, harmonics: np.ndarray, ux: np.ndarray, uy: np.ndarray)
 
 def profile_height(rho: np.ndarray, height_um: np.ndarray | float, exponent: np.ndarray | float) -> np.ndarray:
     """Dome-like top surface: height * (1 - rho^2)^exponent inside the footprint, 0 outside."""
-    inside = 1.0 - rho * rho
-    np.clip(inside, 0.0, None, out=inside)
+    inside = np.asarray(1.0 - rho * rho)
+    inside = np.clip(inside, 0.0, None, out=inside if inside.ndim else None)
     if np.ndim(exponent) == 0 and exponent == 1.0:
         return height_um * inside
     return height_um * inside**exponent
@@ -195,6 +195,8 @@ class Cell:
         n_near = np.count_nonzero(near)
         if n_near > 0.25 * near.size:  # gathering would cost more than evaluating everywhere
             out = self._rho_near(dx, dy, d2)
+            if out.ndim == 0:
+                return out if near else np.float64(np.inf)
             out[~near] = np.inf
             return out
         out = np.full(d2.shape, np.inf)
@@ -203,7 +205,10 @@ class Cell:
         return out
 
     def _rho_near(self, dx: np.ndarray, dy: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        d = np.sqrt(d2)
+        d = np.sqrt(d2, dtype=float)
+        if d.ndim == 0:
+            d = d.reshape(1)
+            return self._rho_near(np.reshape(dx, 1), np.reshape(dy, 1), d * d)[0]
         inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
         ux = dx * inv
         ux[d == 0] = 1.0
@@ -245,7 +250,8 @@ class Cell:
     def contains(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """True for points inside the cell body (nucleus included), between the glass and the top surface."""
         z = np.asarray(z, dtype=float)
-        return (z >= 0.0) & (z <= self.height_at(x, y))
+        top = self.height_at(x, y)
+        return (z >= 0.0) & (z <= top) & (top > 0.0)
 
     def area_um2(self) -> float:
         """Footprint area, exact for the harmonic outline: 1/2 integral r(theta)^2 dtheta."""

@@ -711,11 +711,15 @@ def generate_world(params: SpecimenParams | None = None, seed: int = 0) -> World
     pr_max = o.particle_diameter_nm[1] * 0.5e-3
     spacing = o.lattice_spacing_factor * 2 * pr_max
     lat = _Lattice(spacing, pr_max, max(hi * o.lysosome_fill[1], o.free_cluster_radius_um))
-    has = rng.uniform(0, 1, n) < state.fraction_cells_with_particles
+    # exactly the curve's share of cells takes particles up (which ones is random)
+    has = np.zeros(n, bool)
+    has[rng.permutation(n)[: int(round(state.fraction_cells_with_particles * n))]] = True
     cv = p.kinetics.cell_to_cell_cv
     sigma = np.sqrt(np.log1p(cv**2))
     load = rng.lognormal(-sigma**2 / 2, sigma, n) if cv > 0 else np.ones(n)
-    area_target = np.where(has, state.particle_area_fraction * area * load, 0.0)
+    # the curve is the mean over all cells; cells that took particles up carry it all
+    per_carrier = state.particle_area_fraction / max(state.fraction_cells_with_particles, 1e-9)
+    area_target = np.where(has, per_carrier * area * load, 0.0)
     f_l = state.fraction_particles_in_endolysosomes
 
     lyso_cells = endolysosomes.cell_id

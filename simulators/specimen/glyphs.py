@@ -65,10 +65,11 @@ def label_text(world: "World", column: int, row: int) -> str:
     return text.upper() if world.params.labels_uppercase else text
 
 
-def glyph_coverage(world: "World", xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+def glyph_coverage(world: "World", xs: np.ndarray, ys: np.ndarray, blur_px: float = 0.0) -> np.ndarray:
     """Glyph ink coverage on the axis-aligned pixel lattice xs (columns) x ys (rows), dish µm.
 
-    ``xs`` and ``ys`` are increasing 1D arrays of pixel-centre coordinates.
+    ``xs`` and ``ys`` are increasing 1D arrays of pixel-centre coordinates;
+    ``blur_px`` is the sd (output pixels) of an optical blur applied around each label.
     """
     out = np.zeros((len(ys), len(xs)), np.float32)
     grid = world.grid
@@ -96,5 +97,14 @@ def glyph_coverage(world: "World", xs: np.ndarray, ys: np.ndarray) -> np.ndarray
                 src = ndimage.uniform_filter(bmp, size=int(round(pixel / um_per_px)))
             byy, bxx = np.meshgrid(by, bx, indexing="ij")
             vals = ndimage.map_coordinates(src, [byy, bxx], order=1, mode="constant", cval=0.0)
-            out[np.ix_(ii, jj)] = np.maximum(out[np.ix_(ii, jj)], vals)
+            if blur_px > 0.3:
+                pad = int(np.ceil(3 * blur_px))
+                ii0, ii1 = max(ii[0] - pad, 0), min(ii[-1] + pad + 1, len(ys))
+                jj0, jj1 = max(jj[0] - pad, 0), min(jj[-1] + pad + 1, len(xs))
+                local = np.zeros((ii1 - ii0, jj1 - jj0), np.float32)
+                local[ii[0] - ii0 : ii[-1] - ii0 + 1, jj[0] - jj0 : jj[-1] - jj0 + 1] = vals
+                local = ndimage.gaussian_filter(local, blur_px, mode="constant")
+                np.maximum(out[ii0:ii1, jj0:jj1], local, out=out[ii0:ii1, jj0:jj1])
+            else:
+                out[np.ix_(ii, jj)] = np.maximum(out[np.ix_(ii, jj)], vals)
     return out

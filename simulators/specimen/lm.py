@@ -222,28 +222,23 @@ def _structure_blobs(world: "World", structure: str, box, focus_z, sig_xy, sig_z
     raise ValueError(f"unknown structure {structure!r}")
 
 
-def _coarse_cell_terms(world: "World", xs, ys, focus_z: float, sig_z: float) -> tuple[np.ndarray, np.ndarray]:
-    """(cytoplasm, nucleus) fraction of the focal slab filled at each pixel, computed 4x coarse and upsampled."""
-    h, w = len(ys), len(xs)
-    cyto = np.zeros((h, w))
-    nuc = np.zeros((h, w))
+def _coarse_cell_terms(world: "World", xs, ys, focus_z: float, sig_z: float, f: int = 4):
+    """(cytoplasm, nucleus) fraction of the focal slab filled, on every f-th pixel (smooth: upsampled later)."""
+    cx = xs[::f] if len(xs) > f else xs
+    cy = ys[::f] if len(ys) > f else ys
+    cyto_c = np.zeros((len(cy), len(cx)))
+    nuc_c = np.zeros_like(cyto_c)
     cells = world.cells_near(xs[0], ys[0], xs[-1], ys[-1])
-    if not cells:
-        return cyto, nuc
-    f = 4
-    cx = xs[:: f] if w > f else xs
-    cy = ys[:: f] if h > f else ys
     s2 = np.sqrt(2) * sig_z
 
     def slab(lo, hi):  # fraction of the unit-integral axial Gaussian between lo and hi
         return 0.5 * (erf((hi - focus_z) / s2) - erf((lo - focus_z) / s2))
 
-    cyto_c = np.zeros((len(cy), len(cx)))
-    nuc_c = np.zeros_like(cyto_c)
+    step = f * (xs[1] - xs[0])
     for cell in cells:
         x0, y0, x1, y1 = cell.bbox_um
-        jj = np.flatnonzero((cx >= x0 - f * (xs[1] - xs[0])) & (cx <= x1 + f * (xs[1] - xs[0])))
-        ii = np.flatnonzero((cy >= y0 - f * (ys[1] - ys[0])) & (cy <= y1 + f * (ys[1] - ys[0])))
+        jj = np.flatnonzero((cx >= x0 - step) & (cx <= x1 + step))
+        ii = np.flatnonzero((cy >= y0 - step) & (cy <= y1 + step))
         if len(jj) == 0 or len(ii) == 0:
             continue
         X, Y = cx[jj][None, :], cy[ii][:, None]
@@ -254,10 +249,13 @@ def _coarse_cell_terms(world: "World", xs, ys, focus_z: float, sig_z: float) -> 
         sl = np.ix_(ii, jj)
         cyto_c[sl] += whole - inner
         nuc_c[sl] += inner
-    zoom = (h / cyto_c.shape[0], w / cyto_c.shape[1])
-    cyto = ndimage.zoom(cyto_c, zoom, order=1, grid_mode=True, mode="nearest")[:h, :w]
-    nuc = ndimage.zoom(nuc_c, zoom, order=1, grid_mode=True, mode="nearest")[:h, :w]
-    return cyto, nuc
+    return cyto_c, nuc_c
+
+
+def _upsample(coarse: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    zoom = (h / coarse.shape[0], w / coarse.shape[1])
+    return ndimage.zoom(coarse, zoom, order=1, grid_mode=True, mode="nearest")[:h, :w]
 
 
 def _fluorescence(world, xs, ys, focus_z, obj: Objective, channel: str) -> np.ndarray:
@@ -278,52 +276,60 @@ def _fluorescence(world, xs, ys, focus_z, obj: Objective, channel: str) -> np.nd
         px, py, sl, amp = _structure_blobs(world, stain.structure, box, focus_z, sig_xy, sig_z, pixel)
         _splat(img, xs, ys, px, py, sl, amp * stain.brightness * collect)
         cyto_level += stain.cytoplasm * stain.brightness * collect
-    if cyto_level > 0:
+    if cyto_level > 0 and world.cells_near(xs[0], ys[0], xs[-1], ys[-1]):
         cyto, _ = _coarse_cell_terms(world, xs, ys, focus_z, sig_z)
-        img += cyto_level * cyto
+        img += _upsample(cyto_level * cyto, img.shape)
     return img
 
 
 # -- transmitted light -----------------------------------------------------------------------
 
 
-def _bar_coverage(coords: np.ndarray, pitch: float, bar: float, pixel: float, n_lines: int) -> np.ndarray:
-    """Fraction of each pixel (1D) covered by the bars centred on k * pitch, k = 0 .. n_lines."""
+def _bar_coverage(coords: np.ndarray, pitch: float, bar: float, blur: float, n_lines: int) -> np.ndarray:
+    """Bar profile (1D) across bars centred on k * pitch, k = 0 .. n_lines, blurred by a Gaussian of sd ``blur``."""
     k = np.clip(np.rint(coords / pitch), 0, n_lines)
-    d = np.abs(coords - k * pitch)
-    return np.clip((bar / 2 - d) / pixel + 0.5, 0.0, 1.0)
+    d = coords - k * pitch
+    s = np.sqrt(2) * blur
+    return 0.5 * (erf((d + bar / 2) / s) - erf((d - bar / 2) / s))
 
 
 def _transmitted(world, xs, ys, focus_z, obj: Objective) -> np.ndarray:
-    """Transmission (0..1) of the dish: etched bars and labels darker, cells faint phase-like shading."""
+    """Transmission (0..1) of the dish: etched bars and labels darker, cells faint phase-like shading.
+
+    Blur (diffraction plus defocus from the etched surface at z = 0) is applied
+    analytically to the bars and locally to the glyphs; the cell terms are smooth.
+    """
     grid = world.grid
     pixel = xs[1] - xs[0]
+    lam = 0.55
+    blur_um = float(np.sqrt((0.21 * lam / obj.na) ** 2 + (0.4 * abs(focus_z) * obj.na) ** 2 + pixel**2 / 12))
     ncol, nrow = grid.shape
-    bx = _bar_coverage(xs, grid.pitch_um, grid.bar_width_um, pixel, ncol)
-    by = _bar_coverage(ys, grid.pitch_um, grid.bar_width_um, pixel, nrow)
-    inside_x = ((xs >= -grid.bar_width_um / 2) & (xs <= ncol * grid.pitch_um + grid.bar_width_um / 2)).astype(float)
-    inside_y = ((ys >= -grid.bar_width_um / 2) & (ys <= nrow * grid.pitch_um + grid.bar_width_um / 2)).astype(float)
-    bars = np.clip(bx[None, :] * inside_y[:, None] + by[:, None] * inside_x[None, :], 0, 1)
-    etched = np.maximum(bars, glyph_coverage(world, xs, ys))
+    half = grid.bar_width_um / 2
+    bx = _bar_coverage(xs, grid.pitch_um, grid.bar_width_um, blur_um, ncol)
+    by = _bar_coverage(ys, grid.pitch_um, grid.bar_width_um, blur_um, nrow)
+    inside_x = ((xs >= -half) & (xs <= ncol * grid.pitch_um + half)).astype(float)
+    inside_y = ((ys >= -half) & (ys <= nrow * grid.pitch_um + half)).astype(float)
+    bars = np.minimum(bx[None, :] * inside_y[:, None] + by[:, None] * inside_x[None, :], 1.0)
+    etched = np.maximum(bars, glyph_coverage(world, xs, ys, blur_px=blur_um / pixel))
     t = 1.0 - 0.45 * etched
     # cells: thin phase objects; brightfield shows them faintly, darker where thick (nucleus) and at edges
-    cells = world.cells_near(xs[0], ys[0], xs[-1], ys[-1])
-    if cells:
+    if world.cells_near(xs[0], ys[0], xs[-1], ys[-1]):
+        f = 4
         sig_xy, sig_z = psf_sigmas(obj, "TL")
-        cyto, nuc = _coarse_cell_terms(world, xs, ys, focus_z, max(sig_z, 2.0))
+        cyto, nuc = _coarse_cell_terms(world, xs, ys, focus_z, max(sig_z, 2.0), f)
         thick = cyto + 1.6 * nuc
-        gy, gx = np.gradient(thick, pixel)
-        t *= 1.0 - 0.06 * thick - 0.12 * np.clip(np.hypot(gx, gy) * 1.5, 0, 1)
+        gy, gx = np.gradient(thick, f * pixel)
+        shade = 1.0 - 0.06 * thick - 0.12 * np.clip(np.hypot(gx, gy) * 1.5, 0, 1)
+        t *= _upsample(shade, t.shape)
         # lipid droplets are refractile: small dark dots when in focus
         sig_xy_ld, sig_z_ld = psf_sigmas(obj, "488")
-        px, py, sl, amp = _structure_blobs(world, "lipid_droplets", (xs[0], ys[0], xs[-1], ys[-1]), focus_z, sig_xy_ld, sig_z_ld, pixel)
-        dots = np.zeros_like(t)
-        _splat(dots, xs, ys, px, py, sl, amp)
-        t *= 1.0 - 0.35 * np.clip(dots, 0, 1)
-    # defocus: the etched glass surface is at z = 0; geometric blur grows with |focus| * NA
-    lam = 0.55
-    blur_um = np.hypot(0.21 * lam / obj.na, 0.4 * abs(focus_z) * obj.na)
-    return ndimage.gaussian_filter(t, blur_um / pixel, mode="nearest", truncate=3.0)
+        box = (xs[0], ys[0], xs[-1], ys[-1])
+        px, py, sl, amp = _structure_blobs(world, "lipid_droplets", box, focus_z, sig_xy_ld, sig_z_ld, pixel)
+        if len(amp):
+            dots = np.zeros_like(t)
+            _splat(dots, xs, ys, px, py, np.hypot(sl, blur_um), amp * (sl / np.hypot(sl, blur_um)) ** 2)
+            t *= 1.0 - 0.35 * np.clip(dots, 0, 1)
+    return t
 
 
 # -- public ----------------------------------------------------------------------------------
@@ -357,8 +363,12 @@ def _rng(rng: int | np.random.Generator | None) -> np.random.Generator:
 
 
 def _digitise(electrons: np.ndarray, camera: Camera, rng: np.random.Generator) -> np.ndarray:
-    counts = rng.poisson(electrons).astype(np.float64)
-    counts += rng.normal(0.0, camera.read_noise_e, counts.shape)
+    """Shot noise (Poisson; its Gaussian limit when every pixel expects > 1000 electrons) plus read noise."""
+    if electrons.min() > 1000.0:
+        counts = electrons + rng.standard_normal(electrons.shape) * np.sqrt(electrons + camera.read_noise_e**2)
+    else:
+        counts = rng.poisson(electrons).astype(np.float64)
+        counts += rng.normal(0.0, camera.read_noise_e, counts.shape)
     adu = counts / camera.gain_e_per_adu + camera.offset_adu
     return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
 

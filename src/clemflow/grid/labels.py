@@ -19,11 +19,12 @@ from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import fft as sfft
 from scipy import ndimage as ndi
 
 from ..protocol.grid_scheme import GridScheme
 from .glyphs import char_template
-from .lattice import Lattice
+from .lattice import Lattice, _downsample
 
 __all__ = ["FieldLabelling", "Orientation", "ORIENTATIONS", "read_labels"]
 
@@ -66,28 +67,16 @@ class FieldLabelling:
         return np.asarray(uv) @ self.orientation.m.T + np.array(self.offset)
 
 
-def _polarity(image: NDArray[np.float64], lattice: Lattice) -> float:
-    """+1 if etched marks (bars, glyphs) are brighter than the clear glass, -1 if darker."""
-    h, w = image.shape
-    step = max(1, int(max(h, w) // 400))
-    yy, xx = np.mgrid[0:h:step, 0:w:step]
-    uv = lattice.to_lattice(np.stack([xx.ravel(), yy.ravel()], 1))
-    frac = np.abs(uv - np.round(uv))
-    f1, f2 = lattice.families
-    half_bar = 0.5 * np.array([f1.bar_width_px / f1.pitch_px, f2.bar_width_px / f2.pitch_px])
-    on_bar = (frac < 0.8 * half_bar).any(1)
-    clear = (frac > 1.6 * half_bar).all(1)
-    values = image[::step, ::step].ravel()
-    if on_bar.sum() < 10 or clear.sum() < 10:
-        return -1.0
-    return 1.0 if np.median(values[on_bar]) > np.median(values[clear]) else -1.0
+def _square_patch(
+    image: NDArray[np.float64], lattice: Lattice, uv: NDArray[np.int64], size_px: int, binning: int
+) -> NDArray[np.float64]:
+    """The square at lattice index uv resampled to size x size, axes along +u (columns) and +v (rows).
 
-
-def _square_patch(image: NDArray[np.float64], lattice: Lattice, uv: NDArray[np.int64], size_px: int) -> NDArray[np.float64]:
-    """The square at lattice index uv resampled to size x size, axes along +u (columns) and +v (rows)."""
+    `image` is the original binned by `binning` (block means), which keeps the resampling from aliasing.
+    """
     t = (np.arange(size_px) + 0.5) / size_px  # 0..1 across the square
     uu, vv = np.meshgrid(uv[0] + t, uv[1] + t, indexing="xy")
-    xy = lattice.to_pixels(np.stack([uu.ravel(), vv.ravel()], 1))
+    xy = (lattice.to_pixels(np.stack([uu.ravel(), vv.ravel()], 1)) - (binning - 1) / 2.0) / binning
     values = ndi.map_coordinates(image, [xy[:, 1], xy[:, 0]], order=1, mode="nearest")
     return values.reshape(size_px, size_px)
 
@@ -106,89 +95,86 @@ def _orient(patch: NDArray[np.float64], orientation: Orientation) -> NDArray[np.
     return out
 
 
-GLYPH_SIZE = 20
-"""Side of the square each character is resampled to before comparison."""
+EDGE_SIGMA = 1.0
+"""Blur (pixels at the reading scale) before taking edges: etched glyphs are read by their outlines,
+which light microscopes (dark ink) and SEM surface images (relief shading) both show."""
 
 
-def _normalise(crop: NDArray[np.float64]) -> NDArray[np.float64] | None:
-    """Zero-mean, unit-norm GLYPH_SIZE x GLYPH_SIZE version of a character crop (None if blank)."""
-    h, w = crop.shape
-    side = max(h, w)
-    square = np.zeros((side, side))
-    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = crop
-    zoom = GLYPH_SIZE / side
-    small = ndi.zoom(square, zoom, order=1, prefilter=False)[:GLYPH_SIZE, :GLYPH_SIZE]
-    if small.shape != (GLYPH_SIZE, GLYPH_SIZE):
-        small = np.pad(small, [(0, GLYPH_SIZE - small.shape[0]), (0, GLYPH_SIZE - small.shape[1])])
-    small = small - small.mean()
-    norm = float(np.linalg.norm(small))
-    return None if norm == 0 else (small / norm).ravel()
+def _edges(image: NDArray[np.float64]) -> NDArray[np.float64]:
+    return ndi.gaussian_gradient_magnitude(image, EDGE_SIGMA)
 
 
 @lru_cache(maxsize=64)
-def _template_matrix(chars: str, height_px: int) -> NDArray[np.float64]:
-    """One row per character: its normalised ink crop."""
-    rows = []
-    for char in chars:
-        ink = char_template(char, height_px).astype(np.float64)
-        ys, xs = np.nonzero(ink > 0.5)
-        rows.append(_normalise(ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]))
-    return np.array(rows)
+def _template_bank(chars: str, height_px: int) -> tuple[NDArray[np.float64], tuple[int, int]]:
+    """Zero-mean, unit-norm edge maps of the characters, each centred in one common box."""
+    maps = [_edges(char_template(c, height_px).astype(np.float64)) for c in chars]
+    box_h = max(m.shape[0] for m in maps)
+    box_w = max(m.shape[1] for m in maps)
+    bank = np.zeros((len(chars), box_h, box_w))
+    for i, m in enumerate(maps):
+        top, left = (box_h - m.shape[0]) // 2, (box_w - m.shape[1]) // 2
+        bank[i, top : top + m.shape[0], left : left + m.shape[1]] = m
+    bank -= bank.mean(axis=(1, 2), keepdims=True)
+    bank /= np.linalg.norm(bank.reshape(len(chars), -1), axis=1)[:, None, None]
+    return bank, (box_h, box_w)
 
 
-def _glyph_crops(oriented: NDArray[np.float64], height_px: int) -> list[NDArray[np.float64]] | None:
-    """Ink of the label's characters, left to right, from the middle of an upright square patch.
+_KERNELS: dict[tuple[int, tuple[int, int]], NDArray[np.complex128]] = {}
 
-    Characters are the largest ink components in the label box; None when
-    fewer than two plausible characters are found (covered, damaged, blank).
-    """
-    h, w = oriented.shape
-    box = int(height_px * 1.6)
-    top, left = max(0, h // 2 - box // 2), max(0, w // 2 - int(box * 0.9))
-    region = oriented[top : top + box, left : left + int(box * 1.8)]
-    lo, hi = np.percentile(region, [5, 99.5])
-    if hi - lo <= 0:
-        return None
-    ink = np.clip((region - lo) / (hi - lo), 0, 1)
-    mask = ink > 0.5
-    labels, n = ndi.label(mask)
-    if n < 2:
-        return None
-    sizes = ndi.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    order = np.argsort(sizes)[::-1]
-    expected = 0.12 * height_px * height_px
-    chosen = [int(i) + 1 for i in order[:2] if sizes[i] > 0.25 * expected]
-    if len(chosen) < 2:
-        return None
-    slices = ndi.find_objects(labels)
-    boxes = [slices[i - 1] for i in chosen]
-    heights = [b[0].stop - b[0].start for b in boxes]
-    if min(heights) < 0.6 * height_px or max(heights) > 1.4 * height_px:
-        return None
-    boxes.sort(key=lambda b: b[1].start)
-    return [ink[b] for b in boxes]
+
+def _kernels(bank: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.complex128]:
+    """Spectra of the flipped templates for one FFT size, cached (the same few sizes recur)."""
+    key = (id(bank), shape)
+    if key not in _KERNELS:
+        _KERNELS[key] = sfft.rfft2(bank[:, ::-1, ::-1], shape)
+    return _KERNELS[key]
+
+
+def _ncc_max(region: NDArray[np.float64], bank: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Best normalised cross-correlation of each template in `bank` anywhere inside `region`."""
+    n, th, tw = bank.shape
+    rh, rw = region.shape
+    if rh < th or rw < tw:
+        return np.zeros(n)
+    shape = (sfft.next_fast_len(rh + th - 1, real=True), sfft.next_fast_len(rw + tw - 1, real=True))
+    spectrum = sfft.rfft2(region, shape)
+    corr = sfft.irfft2(_kernels(bank, shape) * spectrum[None], shape)[:, th - 1 : rh, tw - 1 : rw]
+    # local energy of the region under the template box (templates are zero-mean, unit-norm)
+    c1 = np.cumsum(np.cumsum(np.pad(region, ((1, 0), (1, 0))), 0), 1)
+    c2 = np.cumsum(np.cumsum(np.pad(region**2, ((1, 0), (1, 0))), 0), 1)
+
+    def box(c: NDArray[np.float64]) -> NDArray[np.float64]:
+        return c[th:, tw:] - c[:-th, tw:] - c[th:, :-tw] + c[:-th, :-tw]
+
+    s1, s2 = box(c1), box(c2)
+    energy = np.sqrt(np.clip(s2 - s1**2 / (th * tw), 1e-12, None))
+    return (corr / energy[None]).reshape(n, -1).max(1)
 
 
 def _square_scores(
     patch: NDArray[np.float64], columns: str, rows: str, height_px: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
-    """Correlation of the square's two characters with every column and row character, per orientation."""
-    col_t = _template_matrix(columns, height_px)
-    row_t = _template_matrix(rows, height_px)
+    """NCC of the label's left character with every column character and its right one with every row
+    character, for each of the eight orientations (edge maps, so glyph polarity does not matter)."""
+    col_bank, (th, tw) = _template_bank(columns, height_px)
+    row_bank, (rh_, rw_) = _template_bank(rows, height_px)
+    edges = _edges(patch)
+    if edges.std() == 0:
+        return None
+    h, w = patch.shape
+    band_h = int(max(th, rh_) * 1.35)
+    half_w = int(max(tw, rw_) * 1.5)
     col_scores = np.zeros((len(ORIENTATIONS), len(columns)))
     row_scores = np.zeros((len(ORIENTATIONS), len(rows)))
-    readable = False
     for g, orientation in enumerate(ORIENTATIONS):
-        crops = _glyph_crops(_orient(patch, orientation), height_px)
-        if crops is None:
-            continue
-        first, second = (_normalise(c) for c in crops)
-        if first is None or second is None:
-            continue
-        readable = True
-        col_scores[g] = col_t @ first
-        row_scores[g] = row_t @ second
-    return (col_scores, row_scores) if readable else None
+        oriented = _orient(edges, orientation)
+        top = h // 2 - band_h // 2
+        band = oriented[top : top + band_h]
+        left = band[:, max(0, w // 2 - half_w) : w // 2 + int(0.25 * tw)]
+        right = band[:, w // 2 - int(0.25 * tw) : w // 2 + half_w]
+        col_scores[g] = _ncc_max(left, col_bank)
+        row_scores[g] = _ncc_max(right, row_bank)
+    return col_scores, row_scores
 
 
 def read_labels(
@@ -199,6 +185,7 @@ def read_labels(
     label_height_um: float,
     *,
     uppercase: bool = True,
+    max_squares: int = 9,
 ) -> tuple[FieldLabelling | None, dict[tuple[int, int], NDArray[np.float64]]]:
     """Choose the field's labelling; also return per-square reading scores for reporting.
 
@@ -210,10 +197,8 @@ def read_labels(
         img = img.mean(axis=2)
     pitch_px = float(np.mean([f.pitch_px for f in lattice.families]))
     size = int(round(scheme.pitch_um / READ_UM_PER_PX))
-    smooth = READ_UM_PER_PX / pixel_size_um / 2.5
-    if smooth > 0.5:
-        img = ndi.gaussian_filter(img, smooth)
-    sign = _polarity(img, lattice)
+    binning = max(1, int(READ_UM_PER_PX / pixel_size_um))
+    img = _downsample(img, binning)
     height_px = max(8, int(round(label_height_um / READ_UM_PER_PX)))
     columns = scheme.columns.upper() if uppercase else scheme.columns
     rows = scheme.rows.upper() if uppercase else scheme.rows
@@ -221,12 +206,15 @@ def read_labels(
     # Squares whose label box is wholly inside the image.
     label_half = 0.5 * label_height_um / scheme.pitch_um * pitch_px * 1.8
     indices, centres = lattice.square_centres(margin_px=label_half)
+    # The squares nearest the image centre are enough to decide the labelling, and cheaper.
+    nearest = np.argsort(np.linalg.norm(centres - lattice.center, axis=1))[:max_squares]
+    indices = indices[nearest]
     col_scores: list[NDArray[np.float64]] = []
     row_scores: list[NDArray[np.float64]] = []
     read: list[NDArray[np.int64]] = []
     per_square: dict[tuple[int, int], NDArray[np.float64]] = {}
     for uv in indices:
-        patch = sign * _square_patch(img, lattice, uv, size)
+        patch = _square_patch(img, lattice, uv, size, binning)
         scores = _square_scores(patch, columns, rows, height_px)
         if scores is None:
             continue

@@ -141,7 +141,7 @@ class _Projector:
         yy, xx = np.mgrid[0:h, 0:w]
         self.x = (xx - (w - 1) / 2.0).ravel()
         self.y = (yy - (h - 1) / 2.0).ravel()
-        keep = edges.ravel() > 0
+        keep = edges.ravel() > 1.0  # strong edges only: bars are strong, and fewer points project faster
         self.weights = edges.ravel()[keep]
         self.xk, self.yk = self.x[keep], self.y[keep]
         self.bin = bin_px
@@ -332,7 +332,7 @@ def find_lattice(
     # Candidate directions: where the edge projection is most concentrated (Radon variance).
     coarse = _Projector(_edge_map(_downsample(img, coarse_factor), 1.0))
     angles = np.arange(0.0, 180.0, 1.0)
-    candidates = _variance_peaks(coarse, angles, count=6)
+    candidates = _variance_peaks(coarse, angles, count=5)
 
     # Each candidate refined and scored for bars (edge pairs at the bar width) at the working scale.
     work = _downsample(img, factor)
@@ -341,8 +341,8 @@ def find_lattice(
     bin_full = 0.5 * factor  # full-resolution pixels per profile bin
     scored = []
     for start in candidates:
-        angle = _refine_angle(fine, float(start), span=1.0, step=0.25)
-        angle = _refine_angle(fine, angle, span=0.3, step=0.05)
+        angle = _refine_angle(fine, float(start), span=1.0, step=1.0 / 3)
+        angle = _refine_angle(fine, angle, span=0.25, step=0.05)
         profile, valid = fine.profile(angle)
         score, width_bins, response = _best_pair(profile, valid, widths_f)
         scored.append((angle, score, width_bins, profile, valid, response))

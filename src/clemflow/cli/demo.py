@@ -34,6 +34,7 @@ def examples_folder() -> Path:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("clemflow-demo"), "--out", help="Parent folder of the demo's run folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated specimen."),
 ) -> None:
     """Run the 3D-CLEM workflow on the built-in simulators and show each stage."""
     folder = examples_folder()
@@ -54,6 +55,27 @@ def demo(
 
     run_dir = out / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     run = RunFolder.open(run_dir, clem, clem_path.read_text(encoding="utf-8"))
-    run.journal.append("demo", "done", stages=["protocols", "plan"])
+
+    console.print(Rule("3. The simulated specimen (ground truth both instruments image)"))
+    pictures = _specimen_stage(run.path / "specimen", seed=seed)
+    run.journal.append("specimen", "done", seed=seed, pictures=[p.name for p in pictures])
+
+    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
+
+
+def _specimen_stage(folder: Path, seed: int) -> list[Path]:
+    """Generate the specimen, save its truth, and write the preview pictures."""
+    from rich.progress import Progress
+
+    from clemflow.simulators.specimen.preview import write_preview
+    from clemflow.simulators.specimen.world import SpecimenParams
+
+    with Progress(transient=True, console=console) as progress:
+        task = progress.add_task("generating the specimen and rendering LM and EM previews", total=None)
+        pictures = write_preview(folder, seed=seed, params=SpecimenParams(hours_since_treatment=24.0))
+        progress.update(task, completed=1)
+    for picture in pictures:
+        console.print(f"  [green]✓[/green] {picture}")
+    return pictures

@@ -125,7 +125,7 @@ def find_grid(
     pixel_size_um: float | None,
     scheme: GridScheme,
     *,
-    label_height_um: float = 120.0,
+    label_height_um: float | None = None,
     read: bool = True,
 ) -> GridFinding:
     """Find bars, crossings and labels; raise GridNotFound (with the reason) when there is no grid."""
@@ -136,5 +136,6 @@ def find_grid(
     lattice = find_lattice(image, bar_px, pitch_px)
     labelling = None
     if read and pixel_size_um:
-        labelling, _ = read_labels(image, lattice, pixel_size_um, scheme, label_height_um)
+        height = label_height_um if label_height_um is not None else scheme.label_height_um
+        labelling, _ = read_labels(image, lattice, pixel_size_um, scheme, height)
     return GridFinding(scheme, pixel_size_um or float("nan"), lattice, labelling)

@@ -105,50 +105,49 @@ def _edges(image: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 @lru_cache(maxsize=64)
-def _template_bank(chars: str, height_px: int) -> tuple[NDArray[np.float64], tuple[int, int]]:
-    """Zero-mean, unit-norm edge maps of the characters, each centred in one common box."""
-    maps = [_edges(char_template(c, height_px).astype(np.float64)) for c in chars]
-    box_h = max(m.shape[0] for m in maps)
-    box_w = max(m.shape[1] for m in maps)
-    bank = np.zeros((len(chars), box_h, box_w))
-    for i, m in enumerate(maps):
-        top, left = (box_h - m.shape[0]) // 2, (box_w - m.shape[1]) // 2
-        bank[i, top : top + m.shape[0], left : left + m.shape[1]] = m
-    bank -= bank.mean(axis=(1, 2), keepdims=True)
-    bank /= np.linalg.norm(bank.reshape(len(chars), -1), axis=1)[:, None, None]
-    return bank, (box_h, box_w)
+def _template_bank(chars: str, height_px: int) -> tuple[NDArray[np.float64], ...]:
+    """Zero-mean, unit-norm edge map of each character, each in its own box."""
+    bank = []
+    for char in chars:
+        m = _edges(char_template(char, height_px).astype(np.float64))
+        m -= m.mean()
+        bank.append(m / np.linalg.norm(m))
+    return tuple(bank)
 
 
 _KERNELS: dict[tuple[int, tuple[int, int]], NDArray[np.complex128]] = {}
 
 
-def _kernels(bank: NDArray[np.float64], shape: tuple[int, int]) -> NDArray[np.complex128]:
-    """Spectra of the flipped templates for one FFT size, cached (the same few sizes recur)."""
+def _kernels(bank: tuple[NDArray[np.float64], ...], shape: tuple[int, int]) -> NDArray[np.complex128]:
+    """Spectra of the flipped templates (each at the top-left corner) for one FFT size, cached."""
     key = (id(bank), shape)
     if key not in _KERNELS:
-        _KERNELS[key] = sfft.rfft2(bank[:, ::-1, ::-1], shape)
+        stack = np.zeros((len(bank), *shape))
+        for i, t in enumerate(bank):
+            stack[i, : t.shape[0], : t.shape[1]] = t[::-1, ::-1]
+        _KERNELS[key] = sfft.rfft2(stack, shape)
     return _KERNELS[key]
 
 
-def _ncc_max(region: NDArray[np.float64], bank: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Best normalised cross-correlation of each template in `bank` anywhere inside `region`."""
-    n, th, tw = bank.shape
+def _ncc_max(region: NDArray[np.float64], bank: tuple[NDArray[np.float64], ...]) -> NDArray[np.float64]:
+    """Best normalised cross-correlation of each template anywhere inside `region` (one FFT for all)."""
     rh, rw = region.shape
-    if rh < th or rw < tw:
-        return np.zeros(n)
-    shape = (sfft.next_fast_len(rh + th - 1, real=True), sfft.next_fast_len(rw + tw - 1, real=True))
-    spectrum = sfft.rfft2(region, shape)
-    corr = sfft.irfft2(_kernels(bank, shape) * spectrum[None], shape)[:, th - 1 : rh, tw - 1 : rw]
-    # local energy of the region under the template box (templates are zero-mean, unit-norm)
+    th_max = max(t.shape[0] for t in bank)
+    tw_max = max(t.shape[1] for t in bank)
+    shape = (sfft.next_fast_len(rh + th_max - 1, real=True), sfft.next_fast_len(rw + tw_max - 1, real=True))
+    corr = sfft.irfft2(_kernels(bank, shape) * sfft.rfft2(region, shape)[None], shape)
     c1 = np.cumsum(np.cumsum(np.pad(region, ((1, 0), (1, 0))), 0), 1)
     c2 = np.cumsum(np.cumsum(np.pad(region**2, ((1, 0), (1, 0))), 0), 1)
-
-    def box(c: NDArray[np.float64]) -> NDArray[np.float64]:
-        return c[th:, tw:] - c[:-th, tw:] - c[th:, :-tw] + c[:-th, :-tw]
-
-    s1, s2 = box(c1), box(c2)
-    energy = np.sqrt(np.clip(s2 - s1**2 / (th * tw), 1e-12, None))
-    return (corr / energy[None]).reshape(n, -1).max(1)
+    best = np.zeros(len(bank))
+    for i, t in enumerate(bank):
+        th, tw = t.shape
+        if th > rh or tw > rw:
+            continue
+        s1 = c1[th:, tw:] - c1[:-th, tw:] - c1[th:, :-tw] + c1[:-th, :-tw]
+        s2 = c2[th:, tw:] - c2[:-th, tw:] - c2[th:, :-tw] + c2[:-th, :-tw]
+        energy = np.sqrt(np.clip(s2 - s1**2 / (th * tw), 1e-12, None))
+        best[i] = float((corr[i, th - 1 : rh, tw - 1 : rw] / energy).max())
+    return best
 
 
 def _square_scores(
@@ -156,14 +155,16 @@ def _square_scores(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
     """NCC of the label's left character with every column character and its right one with every row
     character, for each of the eight orientations (edge maps, so glyph polarity does not matter)."""
-    col_bank, (th, tw) = _template_bank(columns, height_px)
-    row_bank, (rh_, rw_) = _template_bank(rows, height_px)
+    col_bank = _template_bank(columns, height_px)
+    row_bank = _template_bank(rows, height_px)
+    th = max(t.shape[0] for t in col_bank + row_bank)
+    tw = int(np.median([t.shape[1] for t in col_bank + row_bank]))
     edges = _edges(patch)
     if edges.std() == 0:
         return None
     h, w = patch.shape
-    band_h = int(max(th, rh_) * 1.35)
-    half_w = int(max(tw, rw_) * 1.5)
+    band_h = int(th * 1.35)
+    half_w = int(tw * 1.6)
     col_scores = np.zeros((len(ORIENTATIONS), len(columns)))
     row_scores = np.zeros((len(ORIENTATIONS), len(rows)))
     for g, orientation in enumerate(ORIENTATIONS):

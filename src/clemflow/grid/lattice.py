@@ -33,7 +33,11 @@ __all__ = ["BarFamily", "GridNotFound", "Lattice", "find_lattice"]
 
 Float = NDArray[np.float64]
 
-MIN_PAIR_SCORE = 7.0
+EDGE_SIGMA = 1.0
+"""Gaussian of the edge map (working pixels): wide enough to merge the double response of a thin ridge
+(SEM shows bar edges as bright or dark lines, light microscopes as steps)."""
+
+MIN_PAIR_SCORE = 5.0
 """Edge-pair response, in robust SDs of the profile, that a bar must reach."""
 
 
@@ -126,24 +130,41 @@ def _downsample(image: Float, factor: int) -> Float:
 
 
 def _edge_map(image: Float, sigma: float) -> Float:
-    """Gradient magnitude in robust z-units, clipped so that no single strong feature dominates."""
-    grad = ndi.gaussian_gradient_magnitude(image, sigma)
-    median = float(np.median(grad))
-    mad = float(np.median(np.abs(grad - median))) * 1.4826 + 1e-9
-    return np.clip((grad - median) / mad, 0.0, 6.0)
+    """Gradient magnitude in robust z-units, clipped so that no single strong feature dominates.
+
+    Taken at `sigma` and at 1.5 x `sigma`, whichever stands out more: the fine scale keeps faint
+    step edges sharp (light microscopy, real SEM), the coarse one merges the double response of a
+    thin bright or dark ridge (bar edges in a shaded SEM image).
+    """
+    best = None
+    for s in (sigma, 1.5 * sigma):
+        grad = ndi.gaussian_gradient_magnitude(image, s)
+        median = float(np.median(grad))
+        mad = float(np.median(np.abs(grad - median))) * 1.4826 + 1e-9
+        z = np.clip((grad - median) / mad, 0.0, 6.0)
+        best = z if best is None else np.maximum(best, z)
+    return best
 
 
 class _Projector:
     """Projections of an edge map across lines at any angle, normalised by pixels per bin."""
 
-    def __init__(self, edges: Float, bin_px: float = 1.0) -> None:
+    def __init__(self, edges: Float, bin_px: float = 1.0, mask: NDArray[np.bool_] | None = None) -> None:
         h, w = edges.shape
+        self.edges = edges
         yy, xx = np.mgrid[0:h, 0:w]
         self.x = (xx - (w - 1) / 2.0).ravel()
         self.y = (yy - (h - 1) / 2.0).ravel()
         keep = edges.ravel() > 1.0  # strong edges only: bars are strong, and fewer points project faster
+        if mask is not None:
+            keep &= mask.ravel()
         self.weights = edges.ravel()[keep]
-        self.xk, self.yk = self.x[keep], self.y[keep]
+        # Each pixel covers an area; spreading its position over that area (a fixed jitter) keeps the
+        # projections of the pixel lattice from combing the profile at rational slopes.
+        jitter = np.random.default_rng(0).uniform(-0.5, 0.5, (2, int(keep.sum())))
+        self.xk, self.yk = self.x[keep] + jitter[0], self.y[keep] + jitter[1]
+        if mask is not None:  # normalise by the pixels of the mask only
+            self.x, self.y = self.x[mask.ravel()], self.y[mask.ravel()]
         self.bin = bin_px
         self.half = int(math.ceil(math.hypot(h, w) / 2 / bin_px)) + 2
         # Pixel counts per bin vary smoothly with angle; a subsample is enough to normalise.
@@ -159,10 +180,12 @@ class _Projector:
         frac = rho - i0
         total = np.bincount(i0, self.weights * (1 - frac), minlength=n + 1)[: n + 1]
         total[1:] += np.bincount(i0, self.weights * frac, minlength=n + 1)[: n]
-        counts = np.bincount(
-            np.floor((self.xs * c + self.ys * s) / self.bin + self.half).astype(np.int64), minlength=n + 1
-        )[: n + 1] * self.count_scale
-        counts = ndi.uniform_filter1d(counts.astype(float), 5)
+        rho_s = (self.xs * c + self.ys * s) / self.bin + self.half
+        j0 = np.floor(rho_s).astype(np.int64)
+        frac_s = rho_s - j0
+        counts = np.bincount(j0, 1 - frac_s, minlength=n + 1)[: n + 1]
+        counts[1:] += np.bincount(j0, frac_s, minlength=n + 1)[:n]
+        counts = ndi.uniform_filter1d(counts * self.count_scale, 5)
         valid = counts > 0.25 * counts.max()
         return np.where(valid, total / np.maximum(counts, 1.0), 0.0), valid
 
@@ -220,45 +243,56 @@ def _peaks(response: Float, min_separation: float, threshold: float) -> list[tup
 
 
 def _fit_family(
-    peaks: list[tuple[float, float]], expected_pitch: float, pitch_known: bool
+    peaks: list[tuple[float, float]], expected_pitch: float, pitch_known: bool, tolerance: float
 ) -> tuple[float, float, list[int], list[float], float]:
-    """Pitch, phase, lattice indices and strengths of the bars that fit one lattice; residual RMS."""
+    """Pitch, phase, lattice indices and strengths of the bars that fit one lattice; residual RMS.
+
+    Bars are assigned lattice indices from the expected pitch, then the lattice
+    is fitted by least squares (weighted by strength squared) and the worst bar
+    is dropped while any misses the fit by more than `tolerance` (a bar cut by
+    the image border or a scratch parallel to the bars).
+    """
     ref = peaks[0][0]
     pos = np.array([p for p, _ in peaks])
-    strength = np.array([s for _, s in peaks])
-    pitch = expected_pitch
-    keep = np.ones(len(pos), bool)
-    for _ in range(3):
-        k = np.round((pos - ref) / pitch)
-        resid = pos - ref - k * pitch
-        keep = np.abs(resid) < 0.12 * pitch
-        ks = k[keep]
+    weight = np.array([s for _, s in peaks]) ** 2
+    k = np.round((pos - ref) / expected_pitch)
+    keep = np.abs(pos - ref - k * expected_pitch) < 0.12 * expected_pitch
+    pitch, phase = expected_pitch, ref
+    while True:
+        ks, ps, ws = k[keep], pos[keep], weight[keep]
         if len(np.unique(ks)) >= 2:
-            a = np.vstack([np.ones(keep.sum()), ks]).T
-            sol, *_ = np.linalg.lstsq(a * strength[keep, None], (pos[keep] - ref) * strength[keep], rcond=None)
-            new_pitch = float(sol[1])
-            if pitch_known and abs(new_pitch / expected_pitch - 1) > 0.15:
-                break
-            pitch = new_pitch
-    k = np.round((pos - ref) / pitch)
-    keep = np.abs(pos - ref - k * pitch) < 0.12 * pitch
-    ks, ps, ss = k[keep], pos[keep], strength[keep]
-    phase = float(np.average(ps - ks * pitch, weights=ss))
+            a = np.vstack([np.ones(len(ks)), ks]).T * np.sqrt(ws)[:, None]
+            sol, *_ = np.linalg.lstsq(a, ps * np.sqrt(ws), rcond=None)
+            phase, pitch = float(sol[0]), float(sol[1])
+            if pitch_known and abs(pitch / expected_pitch - 1) > 0.15:
+                pitch = expected_pitch
+                phase = float(np.average(ps - ks * pitch, weights=ws))
+        else:
+            phase = float(np.average(ps - ks * pitch, weights=ws))
+        resid = np.where(keep, pos - phase - k * pitch, 0.0)
+        worst = int(np.argmax(np.abs(resid)))
+        if abs(resid[worst]) <= tolerance or keep.sum() <= 2:
+            break
+        keep[worst] = False
+    ks, ps, ws = k[keep], pos[keep], weight[keep]
     resid = ps - phase - ks * pitch
-    rms = float(np.sqrt(np.average(resid**2, weights=ss)))
-    return pitch, phase, [int(v) for v in ks], [float(v) for v in ss], rms
+    rms = float(np.sqrt(np.average(resid**2, weights=ws)))
+    return pitch, phase, [int(v) for v in ks], [float(np.sqrt(v)) for v in ws], rms
 
 
 # -- the detector ---------------------------------------------------------------
 
 
 def _variance_peaks(projector: _Projector, angles: Float, count: int) -> list[float]:
-    """The `count` angles whose projections are most concentrated, at least 3 degrees apart."""
+    """The `count` angles whose projections are most concentrated, at least 8 degrees apart.
+
+    Candidates are local maxima of the variance, so one strong scratch fills one slot, not several.
+    """
     variance = np.array([float(np.var(p[v])) if v.any() else 0.0 for p, v in map(projector.profile, angles)])
     order = np.argsort(variance)[::-1]
     chosen: list[float] = []
     for i in order:
-        if all(abs(((angles[i] - c) + 90) % 180 - 90) >= 3 for c in chosen):
+        if all(abs(((angles[i] - c) + 90) % 180 - 90) >= 8 for c in chosen):
             chosen.append(float(angles[i]))
         if len(chosen) == count:
             break
@@ -278,7 +312,7 @@ def _best_pair_of_directions(scored: list[tuple]) -> list[tuple] | None:
             apart = abs(((a[0] - b[0]) + 90) % 180 - 90)
             ratio = a[2] / b[2]
             score = min(a[1], b[1])
-            if apart >= 65 and 0.7 < ratio < 1.43 and score >= best_score:
+            if apart >= 65 and 0.6 < ratio < 1.67 and score >= best_score:
                 best, best_score = [a, b], score
     return best
 
@@ -330,17 +364,22 @@ def find_lattice(
         lo, hi = max(12.0, 6.0 * factor), max(img.shape) / 6
 
     # Candidate directions: where the edge projection is most concentrated (Radon variance).
-    coarse = _Projector(_edge_map(_downsample(img, coarse_factor), 1.0))
+    coarse = _Projector(_edge_map(_downsample(img, coarse_factor), max(1.0, EDGE_SIGMA * factor / coarse_factor)))
     angles = np.arange(0.0, 180.0, 1.0)
-    candidates = _variance_peaks(coarse, angles, count=5)
+    candidates = _variance_peaks(coarse, angles, count=10)
 
-    # Each candidate refined and scored for bars (edge pairs at the bar width) at the working scale.
+    # Each candidate scored for bars (edge pairs at the bar width) at the working scale; the best few
+    # are refined. Variance alone ranks a scratch or a seam as high as a bar.
     work = _downsample(img, factor)
-    fine = _Projector(_edge_map(work, 1.0), bin_px=0.5)
-    widths_f = np.unique(np.geomspace(lo / factor, hi / factor, 12)) / 0.5  # in profile bins
-    bin_full = 0.5 * factor  # full-resolution pixels per profile bin
-    scored = []
+    fine = _Projector(_edge_map(work, EDGE_SIGMA), bin_px=0.5)
+    widths_f = np.unique(np.geomspace(lo / factor, hi / factor, 12)) / fine.bin  # in profile bins
+    bin_full = fine.bin * factor  # full-resolution pixels per profile bin
+    quick = []
     for start in candidates:
+        score, angle = max((_best_pair(*fine.profile(a), widths_f[::2])[0], a) for a in (start - 0.5, start, start + 0.5))
+        quick.append((score, angle))
+    scored = []
+    for _, start in sorted(quick, reverse=True)[:5]:
         angle = _refine_angle(fine, float(start), span=1.0, step=1.0 / 3)
         angle = _refine_angle(fine, angle, span=0.25, step=0.05)
         profile, valid = fine.profile(angle)
@@ -354,14 +393,26 @@ def find_lattice(
             f"and a grid needs two directions 65-115 degrees apart scoring at least {MIN_PAIR_SCORE}"
         )
 
+    edges_work = fine.edges
     families: list[BarFamily] = []
     for angle, score, width_bins, profile, valid, response in pair:
         expected_pitch_bins = (pitch_px / bin_full) if pitch_px else None
         separation = 0.6 * expected_pitch_bins if expected_pitch_bins else 3 * width_bins
         peaks = _peaks(response, separation, MIN_PAIR_SCORE)
         peaks, width_bins = _refine_bars(profile, valid, peaks, width_bins)
+        # Second pass: fit straight lines to the bars' own edge points, so that glyphs, cells and
+        # debris no longer pull the angle and each bar's centre is measured along its whole length.
+        to_px = lambda b: (b - fine.half) * fine.bin  # profile bins -> working pixels from the centre  # noqa: E731
+        fitted = _fit_bar_edges(edges_work, angle, [to_px(c) for c, _ in peaks], width_bins * fine.bin)
+        if fitted is not None:
+            angle, centres_px, width_px = fitted
+            strength = {i: s for i, (_, s) in enumerate(peaks)}
+            peaks = [(c / fine.bin + fine.half, strength[i]) for i, c in centres_px]
+            width_bins = width_px / fine.bin
         guess = expected_pitch_bins or _pitch_from_peaks(peaks) or 10 * width_bins
-        pitch_b, phase_b, ks, strengths, rms_b = _fit_family(peaks, guess, pitch_known=pitch_px is not None)
+        pitch_b, phase_b, ks, strengths, rms_b = _fit_family(
+            peaks, guess, pitch_known=pitch_px is not None, tolerance=max(1.0, 2.0 / bin_full)
+        )
         families.append(
             BarFamily(
                 angle_deg=float(angle % 180.0),
@@ -382,6 +433,73 @@ def find_lattice(
             )
     observed = frozenset((u, v) for u in f1.detected_k for v in f2.detected_k)
     return Lattice(img.shape, (f1, f2), float(min(max(f1.strengths), max(f2.strengths))), observed)
+
+
+def _fit_bar_edges(
+    edges: Float, angle: float, centres_px: list[float], width_px: float, segment_widths: float = 2.0
+) -> tuple[float, list[tuple[int, float]], float] | None:
+    """Refine a bar family by fitting straight lines to its edges.
+
+    Edge points near each expected edge are averaged in segments along the
+    bar; one common slope and one offset per edge are fitted by least squares
+    with outliers (debris, crossings, glyph strokes) dropped. Returns the
+    corrected angle, (index, centre) of every bar whose two edges were both
+    seen, and the median bar width; None if nothing could be fitted.
+    """
+    h, w = edges.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    x, y = xx - (w - 1) / 2.0, yy - (h - 1) / 2.0
+    strong = edges > 1.0
+    segment = max(4.0, segment_widths * width_px)
+    for _ in range(2):
+        t = math.radians(angle)
+        rho = (x * math.cos(t) + y * math.sin(t))[strong]
+        along = (-x * math.sin(t) + y * math.cos(t))[strong]
+        weight = edges[strong]
+        points: list[tuple[int, float, float, float]] = []  # (edge id, along, rho, weight)
+        edge_of: list[tuple[int, int]] = []  # edge id -> (bar index, side)
+        for bar, centre in enumerate(centres_px):
+            for side in (-1, 1):
+                guess = centre + side * width_px / 2
+                sel = np.abs(rho - guess) < max(1.5, width_px / 4)
+                if sel.sum() < 10:
+                    continue
+                seg = np.floor(along[sel] / segment).astype(np.int64)
+                seg -= seg.min()
+                wsum = np.bincount(seg, weight[sel])
+                rsum = np.bincount(seg, weight[sel] * rho[sel])
+                asum = np.bincount(seg, weight[sel] * along[sel])
+                good = wsum > 0.25 * np.median(wsum[wsum > 0])
+                edge_id = len(edge_of)
+                edge_of.append((bar, side))
+                points += [(edge_id, a / s, r / s, s) for a, r, s in zip(asum[good], rsum[good], wsum[good])]
+        if len(edge_of) < 2 or len(points) < 6:
+            return None
+        pts = np.array(points)
+        ids = pts[:, 0].astype(int)
+        keep = np.ones(len(pts), bool)
+        for _ in range(3):
+            design = np.zeros((keep.sum(), len(edge_of) + 1))
+            design[np.arange(keep.sum()), ids[keep]] = 1.0
+            design[:, -1] = pts[keep, 1]
+            sw = np.sqrt(pts[keep, 3])
+            sol, *_ = np.linalg.lstsq(design * sw[:, None], pts[keep, 2] * sw, rcond=None)
+            resid = pts[:, 2] - sol[ids] - sol[-1] * pts[:, 1]
+            mad = float(np.median(np.abs(resid[keep]))) * 1.4826
+            keep = np.abs(resid) < max(0.5, 3 * mad)
+        slope = float(sol[-1])
+        angle = angle - math.degrees(math.atan(slope))
+        offsets = {edge_of[i]: float(sol[i]) for i in range(len(edge_of)) if (ids[keep] == i).sum() >= 3}
+        new_centres = list(centres_px)
+        for bar in range(len(centres_px)):
+            if (bar, -1) in offsets and (bar, 1) in offsets:
+                new_centres[bar] = (offsets[(bar, -1)] + offsets[(bar, 1)]) / 2
+        centres_px = new_centres
+    paired = [bar for bar in range(len(centres_px)) if (bar, -1) in offsets and (bar, 1) in offsets]
+    if not paired:
+        return None
+    widths = [offsets[(b, 1)] - offsets[(b, -1)] for b in paired]
+    return angle, [(b, centres_px[b]) for b in paired], float(np.median(widths))
 
 
 def _refine_bars(

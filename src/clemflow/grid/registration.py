@@ -171,12 +171,16 @@ def register_grid(
             continue
         confidences.append(finding.labelling.confidence)
         crossings = measure_crossings(image, finding.lattice)
-        measured = [c for c in crossings if c.measured_xy is not None]
-        use = measured if len(measured) >= 2 else crossings
-        if use is crossings:
-            notes.append("fewer than two crossings measurable locally; used crossings predicted from the bar lines")
-        for c in use:
-            xy = np.array(c.measured_xy if c.measured_xy is not None else c.predicted_xy)
+        points = [np.array(c.measured_xy) for c in crossings if c.measured_xy is not None]
+        if len(points) < 3:
+            # Too few crossings seen up close: the bar lines themselves fix the lattice, so use the
+            # crossings they predict in and around the field (up to half a pitch outside).
+            notes.append(f"{len(points)} crossing(s) measured locally; added crossings predicted from the bar lines")
+            lattice = finding.lattice
+            pitch = float(np.mean([f.pitch_px for f in lattice.families]))
+            _, predicted = lattice.crossings(margin_px=-0.5 * pitch)
+            points += list(predicted)
+        for xy in points:
             g = finding.image_to_grid_um(xy[None])[0]
             g_exact = np.round(g / scheme.pitch_um) * scheme.pitch_um  # crossings lie on bar centre lines
             stage_pts.append(view.pixel_to_stage(xy[None])[0])

@@ -37,6 +37,7 @@ class GridScheme(BaseModel):
         _MATTEK_COLUMNS, description="One character per column, left to right as seen with glyphs upright."
     )
     rows: str = Field(_MATTEK_ROWS, description="One character per row, top to bottom as seen with glyphs upright.")
+    label_height: Length = Field("120 um", description="Height of the etched label characters, e.g. '120 um'.")
     label_order: str = Field(
         "column-row", description="'column-row' labels a square e.g. '3C'; 'row-column' labels it 'C3'."
     )
@@ -79,6 +80,10 @@ class GridScheme(BaseModel):
     @property
     def bar_width_um(self) -> float:
         return self.bar_width * 1e6
+
+    @property
+    def label_height_um(self) -> float:
+        return self.label_height * 1e6
 
     @property
     def shape(self) -> tuple[int, int]:

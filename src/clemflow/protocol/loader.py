@@ -23,9 +23,10 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from .errors import Problem, ProtocolError
 from .protocol import CrossReferenceErrors, Protocol
 
-__all__ = ["load_protocol", "parse_protocol", "read_yaml"]
+__all__ = ["load_model", "load_protocol", "parse_protocol", "read_yaml"]
 
 Loc = tuple[str | int, ...]
+M = typing.TypeVar("M", bound=BaseModel)
 
 
 def load_protocol(path: str | Path) -> Protocol:
@@ -90,11 +91,27 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _problems(exc: ValidationError, document: CommentedMap, path: Path) -> list[Problem]:
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Load any protocol-style model (e.g. a GridScheme file) with the same line-numbered errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProtocolError([Problem(path, None, None, "", f"cannot be read: {exc}")]) from None
+    document = read_yaml(text, path)
+    try:
+        return model.model_validate(_plain(document))
+    except ValidationError as exc:
+        raise ProtocolError(_problems(exc, document, path, model)) from None
+
+
+def _problems(
+    exc: ValidationError, document: CommentedMap, path: Path, root: type[BaseModel] = Protocol
+) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[tuple[Loc, str]] = set()
     for error in exc.errors():
-        for loc, message in _expand(error):
+        for loc, message in _expand(error, root):
             if (loc, message) in seen:
                 continue
             seen.add((loc, message))
@@ -103,17 +120,17 @@ def _problems(exc: ValidationError, document: CommentedMap, path: Path) -> list[
     return sorted(problems, key=lambda p: (p.line or 0, p.column or 0))
 
 
-def _expand(error: dict[str, Any]) -> Iterable[tuple[Loc, str]]:
+def _expand(error: dict[str, Any], root: type[BaseModel]) -> Iterable[tuple[Loc, str]]:
     loc: Loc = tuple(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, CrossReferenceErrors):
         for sub_loc, message in cause.problems:
             yield loc + tuple(sub_loc), message
         return
-    yield loc, _message(error, loc)
+    yield loc, _message(error, loc, root)
 
 
-def _message(error: dict[str, Any], loc: Loc) -> str:
+def _message(error: dict[str, Any], loc: Loc, root: type[BaseModel]) -> str:
     kind = error["type"]
     message = error["msg"]
     if kind == "value_error":
@@ -122,7 +139,7 @@ def _message(error: dict[str, Any], loc: Loc) -> str:
         return message.removeprefix("Assertion failed, ")
     if kind == "extra_forbidden":
         name = str(loc[-1])
-        allowed = _fields_at(loc[:-1])
+        allowed = _fields_at(loc[:-1], root)
         hint = ""
         close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
         if close:
@@ -170,9 +187,9 @@ def _position(document: CommentedMap, loc: Loc) -> tuple[int | None, int | None]
     return line, column
 
 
-def _fields_at(loc: Loc) -> list[str]:
+def _fields_at(loc: Loc, root: type[BaseModel] = Protocol) -> list[str]:
     """Names of the fields accepted by the model at a path (for 'did you mean')."""
-    model: Any = Protocol
+    model: Any = root
     for part in loc:
         model = _unwrap(model)
         if isinstance(part, int):

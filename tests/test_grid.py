@@ -113,7 +113,7 @@ def test_lm_to_em_relocation_through_the_sem_overview(world):
     block = world.to_em(np.array([[*target, 0.0]]))[0]
     centre = (float(block[0]) + 60.0, float(block[1]) - 40.0)  # overview roughly on the target
     pixel = 1.0  # a 2 mm field: several rows and columns of squares, so their labels decide the orientation
-    image, _ = render_sem_overview(world, centre, pixel, (2048, 2048), seed=3)
+    image, _ = render_sem_overview(world, centre, pixel, (2048, 2048), dwell_s=4e-6, seed=3)
     finding = find_grid(image, pixel, MATTEK)
     assert finding.labelled and finding.mirrored  # the block face is seen from the glass side
     view = ImageView((2048, 2048), centre, CameraGeometry(pixel))

@@ -126,7 +126,13 @@ def render_sem_overview(
     rng = np.random.default_rng([seed, 881])
     slow = ndimage.gaussian_filter(rng.normal(0, 1, (16, 16)), 2, mode="wrap")
     slow = ndimage.zoom(slow, (shape[1] / 16, shape[0] / 16), order=1)[: shape[1], : shape[0]]
-    grey = 146.0 + 150.0 * ndimage.gaussian_filter(shade, 0.7) - 6.0 * cover + 4.0 * slow / (slow.std() + 1e-9)
+    # Secondary-electron yield rises on any slope (edge effect), whatever its direction; the detector's
+    # position adds the directional shading on top.
+    slope = ndimage.gaussian_filter(np.hypot(gx, gy), 0.7)
+    grey = (
+        146.0 + 60.0 * ndimage.gaussian_filter(shade, 0.7) + 150.0 * slope - 6.0 * cover
+        + 4.0 * slow / (slow.std() + 1e-9)
+    )
     sd = 7.0 * np.sqrt(1e-6 / dwell_s)
     grey = grey + rng.normal(0, sd, grey.shape)
     img = np.clip(grey + 0.5, 0, 255).astype(np.uint8)

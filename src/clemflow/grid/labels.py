@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 
 from ..protocol.grid_scheme import GridScheme
 from .glyphs import char_template
-from .lattice import Lattice, _downsample
+from .lattice import Lattice
 
 __all__ = ["FieldLabelling", "Orientation", "ORIENTATIONS", "read_labels"]
 
@@ -67,18 +67,29 @@ class FieldLabelling:
         return np.asarray(uv) @ self.orientation.m.T + np.array(self.offset)
 
 
-def _square_patch(
-    image: NDArray[np.float64], lattice: Lattice, uv: NDArray[np.int64], size_px: int, binning: int
-) -> NDArray[np.float64]:
-    """The square at lattice index uv resampled to size x size, axes along +u (columns) and +v (rows).
+LABEL_REGION = 0.6
+"""Share of the square (around its centre) that holds the label and is read."""
 
-    `image` is the original binned by `binning` (block means), which keeps the resampling from aliasing.
+
+def _label_features(
+    image: NDArray[np.float64], lattice: Lattice, uv: NDArray[np.int64], pitch_um: float, pixel_um: float
+) -> NDArray[np.float64]:
+    """Edge energy of the middle of square uv, at the reading scale, axes along +u (columns) and +v (rows).
+
+    The middle of the square is resampled at about the image's own pixel size (an exact fraction of the
+    reading scale), its edge energy computed there, then block-averaged down to the reading scale:
+    averaging energy, not grey levels, keeps the fine relief outlines of SEM glyphs, whose bright and
+    dark sides would cancel if the image were binned first.
     """
-    t = (np.arange(size_px) + 0.5) / size_px  # 0..1 across the square
+    factor = max(1, int(round(READ_UM_PER_PX / pixel_um)))
+    size = int(round(LABEL_REGION * pitch_um / READ_UM_PER_PX))
+    n = size * factor
+    t = 0.5 + LABEL_REGION * ((np.arange(n) + 0.5) / n - 0.5)  # the middle of the square, 0..1 lattice units
     uu, vv = np.meshgrid(uv[0] + t, uv[1] + t, indexing="xy")
-    xy = (lattice.to_pixels(np.stack([uu.ravel(), vv.ravel()], 1)) - (binning - 1) / 2.0) / binning
-    values = ndi.map_coordinates(image, [xy[:, 1], xy[:, 0]], order=1, mode="nearest")
-    return values.reshape(size_px, size_px)
+    xy = lattice.to_pixels(np.stack([uu.ravel(), vv.ravel()], 1))
+    fine = ndi.map_coordinates(image, [xy[:, 1], xy[:, 0]], order=1, mode="nearest").reshape(n, n)
+    energy = _edges(fine, EDGE_SIGMA * factor)
+    return energy.reshape(size, factor, size, factor).mean(axis=(1, 3))
 
 
 def _orient(patch: NDArray[np.float64], orientation: Orientation) -> NDArray[np.float64]:
@@ -100,17 +111,26 @@ EDGE_SIGMA = 1.0
 which light microscopes (dark ink) and SEM surface images (relief shading) both show."""
 
 
-def _edges(image: NDArray[np.float64]) -> NDArray[np.float64]:
-    return ndi.gaussian_gradient_magnitude(image, EDGE_SIGMA)
+def _edges(image: NDArray[np.float64], sigma: float = EDGE_SIGMA) -> NDArray[np.float64]:
+    """Local edge energy: gradient and Laplacian together, so a step (dark ink) and a thin ridge
+    (relief shading) both give one outline, whatever their polarity."""
+    grad = ndi.gaussian_gradient_magnitude(image, sigma)
+    laplace = ndi.gaussian_laplace(image, sigma) * sigma
+    return np.sqrt(grad**2 + laplace**2)
 
 
 @lru_cache(maxsize=64)
 def _template_bank(chars: str, height_px: int) -> tuple[NDArray[np.float64], ...]:
     """Zero-mean, unit-norm edge map of each character, each in its own box."""
+    maps = [_edges(char_template(char, height_px).astype(np.float64)) for char in chars]
+    # Narrow characters (I, 1, J) are padded to the median width with the blank glass beside them,
+    # so that they do not match the stem of every wider character.
+    width = int(np.median([m.shape[1] for m in maps]))
     bank = []
-    for char in chars:
-        m = _edges(char_template(char, height_px).astype(np.float64))
-        m -= m.mean()
+    for m in maps:
+        extra = max(0, width - m.shape[1])
+        m = np.pad(m, ((0, 0), (extra // 2, extra - extra // 2)))
+        m = m - m.mean()
         bank.append(m / np.linalg.norm(m))
     return tuple(bank)
 
@@ -159,7 +179,7 @@ def _square_scores(
     row_bank = _template_bank(rows, height_px)
     th = max(t.shape[0] for t in col_bank + row_bank)
     tw = int(np.median([t.shape[1] for t in col_bank + row_bank]))
-    edges = _edges(patch)
+    edges = patch
     if edges.std() == 0:
         return None
     h, w = patch.shape
@@ -197,9 +217,6 @@ def read_labels(
     if img.ndim == 3:
         img = img.mean(axis=2)
     pitch_px = float(np.mean([f.pitch_px for f in lattice.families]))
-    size = int(round(scheme.pitch_um / READ_UM_PER_PX))
-    binning = max(1, int(READ_UM_PER_PX / pixel_size_um))
-    img = _downsample(img, binning)
     height_px = max(8, int(round(label_height_um / READ_UM_PER_PX)))
     columns = scheme.columns.upper() if uppercase else scheme.columns
     rows = scheme.rows.upper() if uppercase else scheme.rows
@@ -215,8 +232,8 @@ def read_labels(
     read: list[NDArray[np.int64]] = []
     per_square: dict[tuple[int, int], NDArray[np.float64]] = {}
     for uv in indices:
-        patch = _square_patch(img, lattice, uv, size, binning)
-        scores = _square_scores(patch, columns, rows, height_px)
+        features = _label_features(img, lattice, uv, scheme.pitch_um, pixel_size_um)
+        scores = _square_scores(features, columns, rows, height_px)
         if scores is None:
             continue
         col_scores.append(scores[0])

@@ -243,7 +243,11 @@ def _peaks(response: Float, min_separation: float, threshold: float) -> list[tup
 
 
 def _fit_family(
-    peaks: list[tuple[float, float]], expected_pitch: float, pitch_known: bool, tolerance: float
+    peaks: list[tuple[float, float]],
+    expected_pitch: float,
+    pitch_known: bool,
+    tolerance: float,
+    max_pitch_change: float = 0.15,
 ) -> tuple[float, float, list[int], list[float], float]:
     """Pitch, phase, lattice indices and strengths of the bars that fit one lattice; residual RMS.
 
@@ -264,14 +268,15 @@ def _fit_family(
             a = np.vstack([np.ones(len(ks)), ks]).T * np.sqrt(ws)[:, None]
             sol, *_ = np.linalg.lstsq(a, ps * np.sqrt(ws), rcond=None)
             phase, pitch = float(sol[0]), float(sol[1])
-            if pitch_known and abs(pitch / expected_pitch - 1) > 0.15:
+            if pitch_known and abs(pitch / expected_pitch - 1) > max_pitch_change:
                 pitch = expected_pitch
                 phase = float(np.average(ps - ks * pitch, weights=ws))
         else:
             phase = float(np.average(ps - ks * pitch, weights=ws))
         resid = np.where(keep, pos - phase - k * pitch, 0.0)
         worst = int(np.argmax(np.abs(resid)))
-        if abs(resid[worst]) <= tolerance or keep.sum() <= 2:
+        # With the pitch known, even one bar fixes the family; without it, two are needed.
+        if abs(resid[worst]) <= tolerance or keep.sum() <= (1 if pitch_known else 2):
             break
         keep[worst] = False
     ks, ps, ws = k[keep], pos[keep], weight[keep]
@@ -299,7 +304,7 @@ def _variance_peaks(projector: _Projector, angles: Float, count: int) -> list[fl
     return chosen
 
 
-def _best_pair_of_directions(scored: list[tuple]) -> list[tuple] | None:
+def _best_pair_of_directions(scored: list[tuple], width_known: bool) -> list[tuple] | None:
     """Two refined directions 65-115 degrees apart, bars of about equal width, best by the weaker score.
 
     A scratch or a seam is a single strong line; a grid is two families of
@@ -312,7 +317,8 @@ def _best_pair_of_directions(scored: list[tuple]) -> list[tuple] | None:
             apart = abs(((a[0] - b[0]) + 90) % 180 - 90)
             ratio = a[2] / b[2]
             score = min(a[1], b[1])
-            if apart >= 65 and 0.6 < ratio < 1.67 and score >= best_score:
+            same_width = width_known or 0.6 < ratio < 1.67  # a known width already bounds both
+            if apart >= 65 and same_width and score >= best_score:
                 best, best_score = [a, b], score
     return best
 
@@ -385,7 +391,7 @@ def find_lattice(
         profile, valid = fine.profile(angle)
         score, width_bins, response = _best_pair(profile, valid, widths_f)
         scored.append((angle, score, width_bins, profile, valid, response))
-    pair = _best_pair_of_directions(scored)
+    pair = _best_pair_of_directions(scored, width_known=bar_width_px is not None)
     if pair is None:
         best = max((s[1] for s in scored), default=0.0)
         raise GridNotFound(
@@ -395,8 +401,19 @@ def find_lattice(
 
     edges_work = fine.edges
     families: list[BarFamily] = []
-    for angle, score, width_bins, profile, valid, response in pair:
-        expected_pitch_bins = (pitch_px / bin_full) if pitch_px else None
+    # The stronger family first: a grid's squares are square, so its pitch is the weaker one's prior.
+    for angle, score, width_bins, profile, valid, response in sorted(pair, key=lambda s: -s[1]):
+        known = families[0].pitch_px / bin_full if families else None
+        if families and pitch_px:
+            # The labels sit in the middle of every square, so their strokes repeat at the pitch and
+            # can outshine faint bars; look for the second family away from the squares' middles.
+            away = _away_from_labels(edges_work.shape, families[0], factor, img.shape)
+            masked = _Projector(edges_work, bin_px=fine.bin, mask=away)
+            m_profile, m_valid = masked.profile(angle)
+            m_score, m_width, m_response = _best_pair(m_profile, m_valid, widths_f)
+            if m_score >= MIN_PAIR_SCORE:
+                profile, valid, width_bins, response = m_profile, m_valid, m_width, m_response
+        expected_pitch_bins = known or ((pitch_px / bin_full) if pitch_px else None)
         separation = 0.6 * expected_pitch_bins if expected_pitch_bins else 3 * width_bins
         peaks = _peaks(response, separation, MIN_PAIR_SCORE)
         peaks, width_bins = _refine_bars(profile, valid, peaks, width_bins)
@@ -411,7 +428,11 @@ def find_lattice(
             width_bins = width_px / fine.bin
         guess = expected_pitch_bins or _pitch_from_peaks(peaks) or 10 * width_bins
         pitch_b, phase_b, ks, strengths, rms_b = _fit_family(
-            peaks, guess, pitch_known=pitch_px is not None, tolerance=max(1.0, 2.0 / bin_full)
+            peaks,
+            guess,
+            pitch_known=expected_pitch_bins is not None,
+            tolerance=max(1.0, 2.0 / bin_full),
+            max_pitch_change=0.015 if known else 0.15,
         )
         families.append(
             BarFamily(
@@ -433,6 +454,21 @@ def find_lattice(
             )
     observed = frozenset((u, v) for u in f1.detected_k for v in f2.detected_k)
     return Lattice(img.shape, (f1, f2), float(min(max(f1.strengths), max(f2.strengths))), observed)
+
+
+def _away_from_labels(
+    shape: tuple[int, int], family: BarFamily, factor: int, full_shape: tuple[int, int]
+) -> NDArray[np.bool_]:
+    """Working-scale pixels near the given family's bars, i.e. outside the middle band of each square."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    # working pixel -> full-resolution position relative to the full image centre
+    fh, fw = full_shape
+    x = xx * factor + (factor - 1) / 2.0 - (fw - 1) / 2.0
+    y = yy * factor + (factor - 1) / 2.0 - (fh - 1) / 2.0
+    n = family.normal
+    u = (x * n[0] + y * n[1] - family.phase_px) / family.pitch_px
+    return np.abs((u % 1.0) - 0.5) > 0.22
 
 
 def _fit_bar_edges(

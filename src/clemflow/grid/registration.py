@@ -192,18 +192,30 @@ def register_grid(
     # Handedness from the images' labelling; the fit then only needs rotation, scale and shift.
     probe = observations[0]
     mirrored = bool(np.linalg.det(probe[2]._grid_affine()[0] @ np.linalg.inv(probe[1].camera.matrix())) < 0)
-    threshold = inlier_um if inlier_um is not None else max(4 * floor, 2.0)
+    # Gross outliers first (a crossing measured on debris), with a threshold loose enough to keep
+    # the few-percent shear of an embedded block, which a similarity cannot follow.
+    spread = float(np.sqrt(np.mean(np.sum((stage - stage.mean(0)) ** 2, 1))))
+    threshold = inlier_um if inlier_um is not None else max(4 * floor, 2.0, 0.04 * spread)
     inliers = _ransac_similarity(stage, grid, mirrored, threshold, seed)
-    stage_in, grid_in = stage[inliers], grid[inliers]
     model: Literal["similarity", "affine"] = "similarity"
-    m, resid = _fit(stage_in, grid_in, "similarity", mirrored)
-    if len(stage_in) >= 5:
-        m_aff, resid_aff = _fit(stage_in, grid_in, "affine", mirrored)
-        n = 2 * len(stage_in)
-        aic_sim = n * math.log(float(np.sum(resid**2)) / n + 1e-12) + 2 * 4
-        aic_aff = n * math.log(float(np.sum(resid_aff**2)) / n + 1e-12) + 2 * 6
-        if aic_aff < aic_sim - 2:
-            m, resid, model = m_aff, resid_aff, "affine"
+    for _ in range(2):
+        stage_in, grid_in = stage[inliers], grid[inliers]
+        m, resid = _fit(stage_in, grid_in, "similarity", mirrored)
+        model = "similarity"
+        if len(stage_in) >= 5:
+            m_aff, resid_aff = _fit(stage_in, grid_in, "affine", mirrored)
+            n = 2 * len(stage_in)
+            aic_sim = n * math.log(float(np.sum(resid**2)) / n + 1e-12) + 2 * 4
+            aic_aff = n * math.log(float(np.sum(resid_aff**2)) / n + 1e-12) + 2 * 6
+            if aic_aff < aic_sim - 2:
+                m, resid, model = m_aff, resid_aff, "affine"
+        # then fine outliers against the chosen model
+        all_resid = np.linalg.norm(stage @ m[:, :2].T + m[:, 2] - grid, axis=1)
+        sigma = float(np.median(np.linalg.norm(resid, axis=1))) * 1.4826
+        refined = all_resid < max(3 * sigma, 4 * floor, 1.0)
+        if refined.sum() < 2 or np.array_equal(refined, inliers):
+            break
+        inliers = refined
     rms = float(np.sqrt(np.mean(np.sum(resid**2, 1)))) if len(resid) else float("nan")
     return GridRegistration(
         scheme=scheme,

@@ -60,7 +60,11 @@ def demo(
     pictures = _specimen_stage(run.path / "specimen", seed=seed)
     run.journal.append("specimen", "done", seed=seed, pictures=[p.name for p in pictures])
 
-    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen"])
+    console.print(Rule("4. Relocation: the target cell from the confocal overview to the FIB-SEM"))
+    relocated = _relocation_stage(run.path / "relocation", seed=seed)
+    run.journal.append("relocation", "done", **relocated)
+
+    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
 
@@ -79,3 +83,61 @@ def _specimen_stage(folder: Path, seed: int) -> list[Path]:
     for picture in pictures:
         console.print(f"  [green]✓[/green] {picture}")
     return pictures
+
+
+def _relocation_stage(folder: Path, seed: int) -> dict:
+    """Find the grid in a 10x overview and in the SEM overview of the block; carry a cell across."""
+    import numpy as np
+
+    from clemflow.grid.find import find_grid
+    from clemflow.grid.plots import plot_grid_finding
+    from clemflow.grid.registration import CameraGeometry, GridPosition, ImageView, register_grid
+    from clemflow.grid.targets import Target, TargetsFile, write_targets
+    from clemflow.simulators.specimen.em_overview import render_sem_overview
+    from clemflow.simulators.specimen.overview import Damage, DishPose, render_posed_overview
+    from clemflow.simulators.specimen.world import SpecimenParams, generate_world
+
+    folder.mkdir(parents=True, exist_ok=True)
+    world = generate_world(SpecimenParams(hours_since_treatment=24.0), seed=seed)
+    scheme = world.grid
+    cell = world.cells[len(world.cells) // 2]
+    target = np.array(cell.center_um, float)
+
+    # Confocal: the dish sits rotated on the stage; the 10x overview is not centred on the cell.
+    pose = DishPose(rotation_deg=143.0, shift_um=(12000.0, -3500.0), mirror=False)
+    lm_centre = pose.dish_to_stage((target + [180.0, -120.0])[None])[0]
+    lm_image, _ = render_posed_overview(world, pose, tuple(lm_centre), 0.65, (2048, 2048), damage=Damage(0.12, 1, seed), rng=seed)
+    lm_view = ImageView(lm_image.shape, tuple(lm_centre), CameraGeometry(0.65))
+    lm = find_grid(lm_image, 0.65, scheme)
+    lm_registration = register_grid([(lm_image, lm_view, lm)])
+    lm_stage = pose.dish_to_stage(target[None])[0]  # where the 63x stack of this cell was taken
+    position = lm_registration.locate(lm_stage)
+    plot_grid_finding(lm_image, lm, folder / "lm_10x_grid.png", targets={"target": tuple(lm_view.stage_to_pixel(lm_stage[None])[0])},
+                      title=f"10x overview: grid at {lm.angle_deg:.1f} deg, target in {position.label}")
+
+    # FIB-SEM: SEM overview of the block surface around where the target should be.
+    block = world.to_em(np.array([[*target, 0.0]]))[0][:2]
+    em_centre = block + np.array([-140.0, 90.0])
+    em_image, _ = render_sem_overview(world, tuple(em_centre), 1.0, (2048, 2048), dwell_s=4e-6, seed=seed)
+    em_view = ImageView(em_image.shape, tuple(em_centre), CameraGeometry(1.0))
+    em = find_grid(em_image, 1.0, scheme)
+    em_registration = register_grid([(em_image, em_view, em)])
+    em_stage = em_registration.stage_of(position)
+    plot_grid_finding(em_image, em, folder / "sem_overview_grid.png", targets={"target": tuple(em_view.stage_to_pixel(em_stage[None])[0])},
+                      title=f"SEM overview of the block: {'mirrored' if em.mirrored else 'not mirrored'}, target in {position.label}")
+
+    error = float(np.linalg.norm(em_stage - block))
+    targets = TargetsFile(scheme=scheme, targets=[Target(
+        name=f"cell-{cell.id}", sample="D1", label=position.label, offset_um=position.offset_um,
+        lm_stage_um=tuple(map(float, lm_stage)), lm_predicted_error_um=lm_registration.predicted_error_um(lm_stage),
+        em_stage_um=tuple(map(float, em_stage)), em_predicted_error_um=em_registration.predicted_error_um(em_stage),
+    )])
+    write_targets(folder / "targets.json", targets)
+    console.print(f"  10x overview: grid found, labels read with confidence {lm.labelling.confidence:.2f}; target cell "
+                  f"{cell.id} is in square {position.label} at offset ({position.offset_um[0]:+.1f}, {position.offset_um[1]:+.1f}) µm")
+    console.print(f"  SEM overview of the block: grid found ({'mirrored' if em.mirrored else 'not mirrored'}); "
+                  f"target at EM stage ({em_stage[0]:.1f}, {em_stage[1]:.1f}) µm, predicted error "
+                  f"{em_registration.predicted_error_um(em_stage):.2f} µm, true error {error:.2f} µm")
+    for picture in ("lm_10x_grid.png", "sem_overview_grid.png", "targets.json"):
+        console.print(f"  [green]✓[/green] {folder / picture}")
+    return {"label": position.label, "error_um": error}

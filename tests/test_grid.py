@@ -204,3 +204,40 @@ def test_cli_json_shape(world, tmp_path, cli):
     assert abs(report["pitch_px"] - 600.0 / PIXEL) < 2.0
     assert all({"x", "y"} <= set(c) for c in report["crossings"])
     assert all({"label", "x", "y", "confidence"} <= set(s) for s in report["squares"])
+
+
+def test_cli_relocate_between_two_sessions(world, tmp_path, cli):
+    """`clemflow grid relocate` carries a clicked point to the image taken after the dish was moved."""
+    import tifffile
+
+    target = np.array(world.cells[7].center_um, float)
+    before = DishPose(5.0, (0.0, 0.0), False, 1.0)
+    after = DishPose(-70.0, (300.0, -200.0), False, 1.0)
+    paths, stages = [], []
+    for pose, seed in ((before, 8), (after, 9)):
+        image, stage = _view(world, pose, target + [90.0, 60.0], seed=seed)
+        path = tmp_path / f"view{seed}.tif"
+        tifffile.imwrite(path, image)
+        paths.append(path)
+        stages.append(stage)
+    h, w = SHAPE
+    click = (before.dish_to_stage(target[None])[0] - stages[0]) / PIXEL + [(w - 1) / 2, (h - 1) / 2]
+    code, output = cli(
+        "grid", "relocate", paths[0], paths[1], "--source-pixel-size", str(PIXEL), "--destination-pixel-size", str(PIXEL),
+        "--point", f"{click[0]},{click[1]}", "--source-stage", f"{stages[0][0]},{stages[0][1]}",
+        "--destination-stage", f"{stages[1][0]},{stages[1][1]}", "--json",
+    )
+    assert code == 0, output
+    (point,) = json.loads(output)["points"]
+    truth = after.dish_to_stage(target[None])[0]
+    assert np.linalg.norm(np.array(point["destination_stage_um"]) - truth) < 2.0
+    assert point["predicted_error_um"] < 3.0
+
+
+def test_targets_file_round_trip(tmp_path):
+    from clemflow.grid.targets import Target, TargetsFile, read_targets, write_targets
+
+    targets = TargetsFile(targets=[Target(name="c1", sample="D1", label="3C", offset_um=(12.5, -4.0), lm_stage_um=(1.0, 2.0))])
+    write_targets(tmp_path / "targets.json", targets)
+    assert read_targets(tmp_path / "targets.json") == targets
+    assert not (tmp_path / "targets.json.tmp").exists()

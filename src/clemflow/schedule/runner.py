@@ -195,7 +195,11 @@ class Runner:
         self.cut_off: list[CutOff] = list(self.state.cut_off)
         for cut in self.cut_off:
             self._close_cut_off(cut, on_cut_off)
-        self._last_acquisition: tuple[tuple[str, int], float] | None = None  # (key, clock time it ended)
+        # The instrument's busy period: acquisitions run back to back (no sleep between them) since
+        # `_busy_since`; the last one was `_last_acquisition` = (key, clock time it ended).
+        self._last_acquisition: tuple[tuple[str, int], float] | None = None
+        self._busy_since: float | None = None
+        self._idle = True
         self._delays: dict[tuple[str, int], float] = {}
         self._clash: dict[tuple[str, int], float] = {}
         self._late: list[tuple[str, int]] = []
@@ -262,6 +266,7 @@ class Runner:
             remaining = target - self.clock.now()
             if remaining <= 0:
                 return
+            self._idle = True
             self.clock.sleep(remaining if chunk is None else min(remaining, chunk))
 
     # -- start ----------------------------------------------------------------------------
@@ -347,8 +352,16 @@ class Runner:
         planned = self.t0 + step.entry.at_s
         now = self.clock.now()
         free_at, held_by = planned, None
-        if self._last_acquisition is not None and self._last_acquisition[1] > planned:
+        if (
+            not self._idle
+            and self._last_acquisition is not None
+            and self._busy_since is not None
+            and self._busy_since <= planned < self._last_acquisition[1]
+        ):
+            # the instrument was busy at the planned time and has not been idle since: a clash
             held_by, free_at = self._last_acquisition
+        if self._idle:
+            self._busy_since, self._idle = now, False
         lateness = now - free_at
         if lateness > self.tolerance:
             if self.policy == "skip":

@@ -352,3 +352,12 @@ def test_resume_clock_carries_planned_time_on(tmp_path):
     assert 0 <= frozen.now() - last < 0.05 * 3600
     state = read_schedule_state(folder.journal.events())
     assert state.t0 == T0 and state.t0_source == "given" and state.sessions == 1
+
+
+def test_a_clock_behind_the_journal_is_refused(tmp_path):
+    clock = VirtualClock(T0)
+    protocol = _protocol()
+    run_protocol_schedule(protocol, _folder(tmp_path / "run", protocol, clock), FakeScope(clock), clock)
+    fresh = VirtualClock(T0 + 3600)  # e.g. a new ScaledClock instead of resume_clock(...)
+    with pytest.raises(ValueError, match="behind the run's journal"):
+        Runner(protocol, _folder(tmp_path / "run", protocol, fresh), FakeScope(fresh), fresh)

@@ -189,6 +189,13 @@ class Runner:
         steps = [_Step(e, tp_index[e.timepoint_s], order[e.sample]) for e in timeline(protocol)]
         self.steps = sorted(steps, key=lambda s: (s.entry.at_s, kind_order[s.entry.kind], s.sample_order))
         self.state: ScheduleState = read_schedule_state(self.journal.events())
+        if self.state.t0 is not None and self.state.last_t is not None:
+            behind = self.state.last_t - self.clock.now()
+            if behind > self.tolerance:
+                raise ValueError(
+                    f"the clock is {behind:.0f} s behind the run's journal: planned time would run backwards. "
+                    "Resume a scaled run with clemflow.schedule.resume.resume_clock(run_folder, scale)."
+                )
         for step in self.steps:
             if step.entry.kind == "acquire":
                 self.state.acquisition(*step.key)

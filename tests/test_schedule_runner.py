@@ -361,3 +361,28 @@ def test_a_clock_behind_the_journal_is_refused(tmp_path):
     fresh = VirtualClock(T0 + 3600)  # e.g. a new ScaledClock instead of resume_clock(...)
     with pytest.raises(ValueError, match="behind the run's journal"):
         Runner(protocol, _folder(tmp_path / "run", protocol, fresh), FakeScope(fresh), fresh)
+
+
+def test_operator_thread_prompts_on_time_while_the_instrument_works(tmp_path):
+    """Acquisitions of 1.2 h each: the 2 h stain (due at 1.5 h) comes during the 1 h acquisitions."""
+    protocol = _protocol()
+    protocol = protocol.model_copy(update={"timepoints": [3600.0, 7200.0]})
+    clock = ScaledClock(36_000.0, start=T0)  # 1 h = 0.1 s
+    folder = _folder(tmp_path / "run", protocol, clock)
+
+    def slow(entry, attempt):
+        time.sleep(0.12)
+        return AcquisitionResult("done")
+
+    summary = run_protocol_schedule(protocol, folder, slow, clock, t0=T0, operator_thread=True)
+    assert summary.state == "finished" and len(summary.done) == 4
+    events = _events(folder)
+    prompts = [e for e in events if e.step == "stain" and e.outcome == "prompted" and e.data["timepoint"] == 1]
+    assert [e.data["sample"] for e in prompts] == ["D1", "D2"]
+    assert all(abs(e.data["delay_s"]) < 300 for e in prompts)  # within 5 protocol minutes of 1.5 h
+    first_d2 = next(e for e in events if e.step == "acquire" and e.outcome == "done" and e.data["sample"] == "D2")
+    assert prompts[-1].seq < first_d2.seq  # asked while D2 was being imaged at 1 h
+    answers = [e.outcome for e in events if e.step == "stain" and e.outcome != "prompted"]
+    assert answers == ["confirmed"] * 4
+    with pytest.raises(ValueError, match="virtual clock"):
+        Runner(protocol, folder, slow, VirtualClock(T0), operator_thread=True)

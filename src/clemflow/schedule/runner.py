@@ -30,6 +30,12 @@ Rules (documented in docs/run-folder.md, "Journal events of the runner"):
 - **Retry.** An attempt reported ``failed`` or ``incomplete`` is retried at once
   with the next attempt number, up to ``max_attempts`` reported failures; the
   last one is journalled with ``final: true``.
+- **Prompts.** By default a stain prompt is issued in the runner's thread, between
+  acquisitions: one due while the instrument is busy comes when it is free
+  (its ``delay_s`` says how late), and it must be answered before the next
+  acquisition falls due. With ``operator_thread=True`` (real or scaled clocks;
+  what a terminal run wants) prompts run in a thread of their own, on time
+  while the instrument works, each answerable until the acquisition it serves.
 - **Resume.** Built on a run folder with a journal, the runner never repeats a
   ``done`` (or ``skipped``, or given-up) acquisition; an attempt ``started`` and
   never ended was cut off by a crash: it is journalled ``incomplete`` (reason
@@ -40,6 +46,7 @@ Rules (documented in docs/run-folder.md, "Journal events of the runner"):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -165,6 +172,7 @@ class Runner:
         on_cut_off: Callable[[CutOff], dict[str, Any] | None] | None = None,
         listener: Callable[[JournalEvent], None] | None = None,
         poll_s: float | None = None,
+        operator_thread: bool = False,
     ) -> None:
         if protocol.confocal is None:
             raise ValueError("this protocol has no confocal section: there is no time course to run")
@@ -182,6 +190,10 @@ class Runner:
         self.policy = protocol.confocal.late_policy
         self.tolerance = float(protocol.confocal.late_tolerance)
         self._t0_given = t0
+        self.operator_thread = operator_thread
+        if operator_thread and hasattr(self.clock, "advance"):
+            raise ValueError("operator_thread needs a real or scaled clock: two threads cannot share a virtual clock")
+        self._journal_lock = threading.Lock()
         self._poll_s = poll_s
         order = {s.id: i for i, s in enumerate(protocol.samples)}
         tp_index = {t: i for i, t in enumerate(protocol.timepoints)}
@@ -214,9 +226,10 @@ class Runner:
     # -- journal ---------------------------------------------------------------------------
 
     def _log(self, step: str, outcome: str, **data: Any) -> JournalEvent:
-        event = self.journal.append(step, outcome, **data)
-        if self.listener is not None:
-            self.listener(event)
+        with self._journal_lock:  # the operator thread journals too
+            event = self.journal.append(step, outcome, **data)
+            if self.listener is not None:
+                self.listener(event)
         return event
 
     def _ids(self, step: _Step) -> dict[str, Any]:
@@ -333,15 +346,21 @@ class Runner:
         self._log("stain", "prompted", **ids, message=message, deadline_s=round(deadline - self.t0, 3),
                   **self._times(self.t0 + step.entry.at_s, now))
         self.state.stains[skey] = "prompted"
-        ok = bool(self.prompt(message, deadline))
+        error = None
+        try:
+            ok = bool(self.prompt(message, deadline))
+        except Exception as exc:  # a broken prompt must not take the acquisitions down with it
+            ok, error = False, f"{type(exc).__name__}: {exc}"
         outcome = "confirmed" if ok else "unconfirmed"
-        self._log("stain", outcome, **ids, **self._times(self.t0 + step.entry.at_s, self.clock.now()))
+        self._log("stain", outcome, **ids, **({"error": error} if error else {}),
+                  **self._times(self.t0 + step.entry.at_s, self.clock.now()))
         self.state.stains[skey] = outcome
 
     def _prompt_deadline(self, step: _Step, now: float) -> float:
-        """The prompt must be answered by the acquisition it serves, and before any other acquisition falls due."""
+        """The prompt must be answered by the acquisition it serves (and, when prompts hold up the
+        instrument's thread, before any other acquisition falls due)."""
         deadline = self.t0 + step.entry.timepoint_s
-        for other in self.steps:
+        for other in [] if self.operator_thread else self.steps:
             if other.entry.kind == "acquire" and not self.state.acquisitions[other.key].terminal:
                 due = self.t0 + other.entry.at_s
                 if now < due < deadline:
@@ -423,8 +442,11 @@ class Runner:
         try:
             self._checkpoint()
             self._start()
+            operator = self._start_operator() if self.operator_thread else None
             for step in self.steps:
                 if step.entry.kind == "acquire" and self.state.acquisitions[step.key].terminal:
+                    continue
+                if step.entry.kind == "stain" and operator is not None:
                     continue
                 self._wait_until(self.t0 + step.entry.at_s)
                 if step.entry.kind == "stain":
@@ -435,6 +457,8 @@ class Runner:
                 self._checkpoint()
         except _Aborted as exc:
             state, reason = "aborted", str(exc) or self.control.abort_reason or "operator"
+        finally:
+            self._stop_operator()
         summary = self.summary(state, reason)
         data = {"done": len(summary.done), "skipped": len(summary.skipped), "failed": len(summary.failed),
                 "pending": len(summary.pending)}
@@ -445,6 +469,47 @@ class Runner:
         else:
             self._log("schedule", "stopped", reason=reason, **data)
         return summary
+
+    # -- the operator's thread --------------------------------------------------------------
+
+    def _start_operator(self) -> threading.Thread:
+        """Stain prompts in a thread of their own, so they come on time while the instrument is busy.
+
+        Only for clocks tied to wall time (real or scaled): two threads sleeping on a virtual
+        clock would each move it.
+        """
+        self._operator_done = threading.Event()
+        thread = threading.Thread(target=self._operate, name="clemflow-operator", daemon=True)
+        self._operator = thread
+        thread.start()
+        return thread
+
+    def _operate(self) -> None:
+        chunk = self._chunk()
+        for step in self.steps:
+            if step.entry.kind != "stain":
+                continue
+            target = self.t0 + step.entry.at_s
+            while not self._operator_done.is_set() and not self.control.aborted:
+                if self.control.paused:
+                    self.control.wait_while_paused(timeout=0.2)
+                    continue
+                remaining = target - self.clock.now()
+                if remaining <= 0:
+                    break
+                self.clock.sleep(remaining if chunk is None else min(remaining, chunk))
+            if self._operator_done.is_set() or self.control.aborted:
+                return
+            self._stain(step)
+
+    def _stop_operator(self) -> None:
+        thread = getattr(self, "_operator", None)
+        if thread is None:
+            return
+        if self.control.aborted or any(not a.terminal for a in self.state.acquisitions.values()):
+            self._operator_done.set()  # stopping early: pending prompts are not issued
+        thread.join(timeout=5.0)
+        self._operator = None
 
     def summary(self, state: Literal["finished", "aborted", "stopped"] = "finished", reason: str | None = None) -> ScheduleSummary:
         return ScheduleSummary(
@@ -479,6 +544,7 @@ def run_protocol_schedule(
 ) -> ScheduleSummary:
     """The one entry point: build a :class:`Runner` on ``run_folder`` (resuming it) and run it.
 
-    ``options`` go to :class:`Runner` (``t0``, ``max_attempts``, ``on_cut_off``, ``listener``, ``poll_s``).
+    ``options`` go to :class:`Runner` (``t0``, ``max_attempts``, ``on_cut_off``, ``listener``, ``poll_s``,
+    ``operator_thread``).
     """
     return Runner(protocol, run_folder, acquire, clock, prompt, control, **options).run()

@@ -88,3 +88,14 @@ def test_run_command_refuses_invalid_protocol_before_creating_anything(cli, tmp_
     code, output = cli("run", bad, "--out", tmp_path / "r")
     assert code == 2 and "fibsem.slice_thickness" in output
     assert not (tmp_path / "r").exists()
+
+
+def test_creation_cut_off_before_run_json_is_completed(tmp_path):
+    """A crash after the protocol copies but before run.json leaves a folder that the next start completes."""
+    protocol = load_protocol(CLEM)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "protocol.yaml").write_text(CLEM.read_text()[:100])  # torn while being written
+    run = RunFolder.open(folder, protocol, CLEM.read_text())
+    assert not run.resumed and (folder / "run.json").exists()
+    assert (folder / "protocol.yaml").read_text() == CLEM.read_text()

@@ -40,6 +40,15 @@ def _write_once(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _interrupted_creation(path: Path, protocol_text: str, resolved: str) -> bool:
+    """True if the folder holds nothing but (parts of) the protocol copies a creation writes first."""
+    names = {p.name for p in path.iterdir()}
+    if not names or not names <= {PROTOCOL_FILE, RESOLVED_FILE}:
+        return False
+    expected = {PROTOCOL_FILE: protocol_text, RESOLVED_FILE: resolved + "\n"}
+    return all(expected[n].startswith((path / n).read_text(encoding="utf-8")) for n in names)
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -65,6 +74,10 @@ class RunFolder:
             journal = Journal(path / JOURNAL_FILE, clock)
             journal.append("run", "resumed", torn_lines=journal.torn_lines)
             return cls(path, record["run_id"], journal, resumed=True)
+        if path.exists() and _interrupted_creation(path, protocol_text, resolved):
+            # A crash between the first file and run.json: only our own protocol copies are there.
+            for name in (PROTOCOL_FILE, RESOLVED_FILE):
+                (path / name).unlink(missing_ok=True)
         if path.exists() and any(path.iterdir()):
             raise RunFolderError(
                 f"{path} is not empty and holds no clemflow run; nothing in it was touched. Choose a new or empty --out folder."

@@ -258,3 +258,23 @@ def test_useq_sequence_runs_on_the_simulated_core(world):
     assert all(f[0] == (512, 512) for f in frames)
     assert sorted({round(f[2], 3) for f in frames}) == pytest.approx(z + np.arange(-1.0, 1.01, 0.5))
     assert not [t for t in threading.enumerate() if t is thread]
+
+
+def test_tl_frame_agrees_with_the_specimen_posed_overview(world):
+    """Same pose, same stage point: the camera and render_posed_overview draw the same dish."""
+    from clemflow.simulators.specimen.overview import render_posed_overview
+
+    pose = DishPose(rotation_deg=-23.0, shift_um=(400.0, -900.0))
+    core = build_simulated_core(world, pose, VirtualClock())
+    ctx = microscope_of(core)
+    pitch = world.grid.pitch_um
+    c0, r0 = world.params.first_square
+    stage = ctx.dish_to_stage([(c0 + 0.3) * pitch, (r0 + 0.1) * pitch])
+    core.setXYPosition(*stage)
+    core.setPosition(ctx.z_drive_for(0.0, "10x"))
+    core.setExposure(20.0)
+    ours = _snap(core)
+    theirs, _ = render_posed_overview(world, pose, tuple(stage), 0.65, ours.shape, objective="10x", exposure_s=0.02)
+    theirs = theirs.astype(float)
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.98
+    assert abs(ours.mean() - theirs.mean()) < 0.01 * theirs.mean()

@@ -82,14 +82,18 @@ def expected_view(
         rows = np.rint((ph - 1) / 2 + ex[1] * jj[None, :] + ey[1] * ii[:, None]).astype(np.intp)
         return patch[rows, cols]
     # general rotation: render the bounding box of the field in the dish frame and resample
-    dx = ex[0] * jj[None, :] + ey[0] * ii[:, None]  # dish offset in q units
-    dy = ex[1] * jj[None, :] + ey[1] * ii[:, None]
+    corners_j = np.array([jj[0], jj[-1], jj[0], jj[-1]])
+    corners_i = np.array([ii[0], ii[0], ii[-1], ii[-1]])
     margin = 3
-    half_w = math.ceil(float(np.abs(dx).max())) + margin
-    half_h = math.ceil(float(np.abs(dy).max())) + margin
+    half_w = math.ceil(float(np.abs(ex[0] * corners_j + ey[0] * corners_i).max())) + margin
+    half_h = math.ceil(float(np.abs(ex[1] * corners_j + ey[1] * corners_i).max())) + margin
     patch_shape = (2 * half_h + 1, 2 * half_w + 1)
     patch = expected_lm(dish.world, centre[0], centre[1], focus_height_um, obj, channel, exposure_s, patch_shape, camera)
-    return ndi.map_coordinates(patch, [dy + half_h, dx + half_w], order=1, mode="nearest")
+    # patch (row, col) of camera pixel (i, j): (half_h + ex[1] dj + ey[1] di, half_w + ex[0] dj + ey[0] di)
+    ci, cj = (h - 1) / 2, (w - 1) / 2
+    matrix = np.array([[ey[1], ex[1]], [ey[0], ex[0]]])
+    offset = np.array([half_h, half_w]) - matrix @ np.array([ci, cj])
+    return ndi.affine_transform(patch, matrix, offset, output_shape=(h, w), order=1, mode="nearest")
 
 
 def render_view(

@@ -278,3 +278,38 @@ def test_tl_frame_agrees_with_the_specimen_posed_overview(world):
     theirs = theirs.astype(float)
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.98
     assert abs(ours.mean() - theirs.mean()) < 0.01 * theirs.mean()
+
+
+def test_example_cfg_for_a_real_confocal_is_well_formed():
+    """The real-instrument template cannot load here (no C++ adapters); check its commands and what clemflow needs."""
+    from pathlib import Path
+
+    from pymmcore_plus import CFGCommand
+
+    path = Path(__file__).resolve().parents[1] / "drivers" / "confocal_example.cfg"
+    arity = {"Device": 3, "Property": (2, 3), "Parent": 2, "Delay": 2, "FocusDirection": 2, "Label": 3,
+             "ConfigGroup": (1, 4, 5), "ConfigPixelSize": 4, "PixelSize_um": 2, "PixelSizeAffine": 7}
+    presets: dict[str, set[str]] = {}
+    roles, pixel_configs, devices = {}, set(), set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        cmd, *args = line.split(",")
+        CFGCommand(cmd)  # a known Micro-Manager command
+        want = arity[cmd]
+        assert len(args) in (want if isinstance(want, tuple) else (want,)), line
+        if cmd == "Device":
+            devices.add(args[0])
+        elif cmd == "ConfigGroup" and len(args) >= 4:
+            presets.setdefault(args[0], set()).add(args[1])
+            assert args[2] in devices | {"Core"}, line
+        elif cmd == "Property" and args[0] == "Core":
+            roles[args[1]] = args[2] if len(args) > 2 else ""
+        elif cmd == "ConfigPixelSize":
+            pixel_configs.add(args[0])
+    assert presets["Channel"] == {"TL", "405", "488", "639"}
+    assert presets["Objective"] == {"10x", "63x"}
+    assert {"Camera", "XYStage", "Focus", "Shutter"} <= set(roles) and roles["ChannelGroup"] == "Channel"
+    assert all(roles[r] in devices for r in ("Camera", "XYStage", "Focus", "Shutter"))
+    assert len(pixel_configs) == 2

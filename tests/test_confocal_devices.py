@@ -313,3 +313,19 @@ def test_example_cfg_for_a_real_confocal_is_well_formed():
     assert {"Camera", "XYStage", "Focus", "Shutter"} <= set(roles) and roles["ChannelGroup"] == "Channel"
     assert all(roles[r] in devices for r in ("Camera", "XYStage", "Focus", "Shutter"))
     assert len(pixel_configs) == 2
+
+
+def test_a_dropped_frame_in_a_bare_mda_is_missing_not_shifted(world):
+    """What the controller has to handle: pymmcore-plus logs the failed snap and goes on."""
+    faults = ConfocalFaults()
+    core = build_simulated_core(world, DishPose(), VirtualClock(), faults)
+    ctx = microscope_of(core)
+    core.setConfig("Objective", "63x")
+    x, y = ctx.dish_to_stage(world.cells[0].center_um)
+    z = ctx.z_drive_for(3.0, "63x", stage_xy=(x, y))
+    seq = useq.MDASequence(stage_positions=[(float(x), float(y), float(z))], channels=["488"], z_plan={"range": 2.0, "step": 0.5}, axis_order="pzc")
+    faults.drop_frames.add(ctx.snap_count + 2)
+    seen = []
+    core.mda.events.frameReady.connect(lambda img, ev, meta: seen.append(ev.index["z"]))
+    core.mda.run(seq)
+    assert seen == [0, 1, 3, 4]

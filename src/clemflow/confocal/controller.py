@@ -92,7 +92,7 @@ class ConfocalController:
         self.core.setConfig(self.settings.objective_group, objective.preset or objective.name)
         self.core.waitForConfig(self.settings.objective_group, objective.preset or objective.name)
         # Pixel-size configurations cannot refer to Python devices: set it from the protocol.
-        self.core.setPixelSizeUm(objective.pixel_size * 1e6)
+        self.core.setPixelSizeUm(self.core.getCurrentPixelSizeConfig(), objective.pixel_size * 1e6)
         return objective
 
     def use_channel(self, channel: ChannelExposure) -> None:
@@ -115,14 +115,18 @@ class ConfocalController:
 
     # -- overview and grid --------------------------------------------------------
 
-    def overview(self, centre_xy: tuple[float, float], tiles: int = 3, focus_z: float | None = None) -> tuple[NDArray, ImageView]:
-        """Tile scan around `centre_xy` with the overview objective, stitched by stage position."""
+    def overview(
+        self, centre_xy: tuple[float, float], span_um: float, focus_z: float | None = None
+    ) -> tuple[NDArray, ImageView]:
+        """Tile scan covering at least `span_um` around `centre_xy` with the overview objective,
+        stitched by stage position."""
         self.use_objective(self.settings.overview.objective)
         self.use_channel(self.settings.overview.channel)
         pixel = self.core.getPixelSizeUm()
         h, w = self.core.getImageHeight(), self.core.getImageWidth()
         overlap = self.settings.overview.overlap_percent / 100.0
         step_x, step_y = w * pixel * (1 - overlap), h * pixel * (1 - overlap)
+        tiles = max(1, int(math.ceil((span_um - w * pixel) / min(step_x, step_y))) + 1)
         offsets = [(i - (tiles - 1) / 2, j - (tiles - 1) / 2) for j in range(tiles) for i in range(tiles)]
         positions = [(centre_xy[0] + i * step_x, centre_xy[1] + j * step_y) for i, j in offsets]
         for k, (x, y) in enumerate(positions):

@@ -18,4 +18,9 @@ def _packages() -> list[str]:
     return found
 
 
-setup(packages=_packages(), package_dir=PACKAGE_DIRS, include_package_data=True)
+setup(
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
+    package_data={"clemflow.simulators.confocal": ["*.cfg"]},
+    include_package_data=True,
+)

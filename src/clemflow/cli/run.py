@@ -1,4 +1,4 @@
-"""`clemflow run PROTOCOL --out DIR`: run a protocol into a run folder (resuming it if it exists)."""
+"""`clemflow run PROTOCOL --out DIR [--time-scale N]`: run a protocol into a run folder, resuming it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from ..io.run_folder import RunFolder, RunFolderError
-from ..protocol import ProtocolError, load_protocol
+from ..protocol import Protocol, ProtocolError, load_protocol
 from .app import app
-from .console import EXIT_INVALID, EXIT_UNAVAILABLE, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, print_problems
 from .plan import print_plan
 
 
@@ -17,26 +17,89 @@ from .plan import print_plan
 def run(
     protocol_file: Path = typer.Argument(..., help="Protocol file (YAML)."),
     out: Path = typer.Option(..., "--out", help="Run folder; an existing run of the same protocol is resumed."),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="Planned seconds per real second (1 = real time)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated specimens (simulator only)."),
+    interactive: bool = typer.Option(False, "--interactive", help="Ask the operator at each prompt (p/r/a to pause, resume, abort)."),
 ) -> None:
     """Run a protocol on its instruments, writing everything into one run folder."""
+    if time_scale <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--time-scale")
     try:
         protocol = load_protocol(protocol_file)
     except ProtocolError as exc:
         print_problems(exc.problems)
         raise typer.Exit(EXIT_INVALID) from None
+    from ..schedule.resume import resume_clock
+
+    clock = resume_clock(out, time_scale) if out.exists() else _fresh_clock(time_scale)
     try:
-        folder = RunFolder.open(out, protocol, protocol_file.read_text(encoding="utf-8"))
+        folder = RunFolder.open(out, protocol, protocol_file.read_text(encoding="utf-8"), clock=clock)
     except RunFolderError as exc:
         console.print(f"[red]✗[/red] {exc}")
         raise typer.Exit(EXIT_INVALID) from None
-    state = "resumed" if folder.resumed else "created"
-    console.print(f"Run folder {folder.path} {state} (run {folder.run_id})")
+    console.print(f"Run folder {folder.path} {'resumed' if folder.resumed else 'created'} (run {folder.run_id})")
     print_plan(protocol)
-    # Acquisition engines arrive with their issues; say so plainly rather than pretend.
-    stages = [name for name in ("confocal", "fibsem") if getattr(protocol, name) is not None]
-    folder.journal.append("run", "unavailable", stages=stages, reason="acquisition engines not built in this version")
-    console.print(
-        f"[yellow]clemflow {__import__('clemflow').__version__} cannot acquire yet: the {' and '.join(stages)} "
-        "engine(s) are not built in this version. The run folder holds the resolved protocol and the journal.[/yellow]"
-    )
-    raise typer.Exit(EXIT_UNAVAILABLE)
+    if protocol.confocal is not None and protocol.timepoints:
+        code = _run_confocal(protocol, folder, clock, protocol_file, seed, interactive)
+        if code:
+            raise typer.Exit(code)
+    if protocol.fibsem is not None:
+        folder.journal.append("fibsem", "unavailable", reason="the slice-and-view engine is not built in this version")
+        console.print("[yellow]The FIB-SEM slice-and-view engine is not built in this version; "
+                      "the FIB-SEM part of this protocol was not run.[/yellow]")
+        raise typer.Exit(EXIT_UNAVAILABLE)
+
+
+def _fresh_clock(scale: float):
+    from ..schedule.clock import RealClock, ScaledClock
+
+    return RealClock() if scale == 1.0 else ScaledClock(scale)
+
+
+def _run_confocal(protocol: Protocol, folder: RunFolder, clock, protocol_file: Path, seed: int, interactive: bool) -> int:
+    """Build the confocal (simulated or from a .cfg), then walk the schedule; returns an exit code."""
+    from ..confocal.controller import ConfocalController, ConfocalRefused
+    from ..confocal.session import ConfocalSession
+    from ..schedule.runner import auto_confirm, run_protocol_schedule
+
+    confocal = protocol.confocal
+    assert confocal is not None
+    prompt = auto_confirm
+    control = None
+    if interactive:
+        from ..schedule.control import RunControl, install_sigint_abort
+        from ..schedule.terminal import TerminalSession
+
+        control = RunControl()
+        terminal = TerminalSession(control, clock, console=console)
+        terminal.start()
+        prompt = terminal.prompt
+        install_sigint_abort(control)
+    try:
+        if confocal.config == "simulator":
+            # The built-in simulator and its simulated operator are chosen here, by configuration.
+            from clemflow.simulators.confocal.core import build_simulated_core, microscope_of
+            from clemflow.simulators.confocal.dishes import SimulatedDishHandler
+
+            core = build_simulated_core(None, clock=clock, seed=seed)
+            samples = {s.id: (seed * 100 + i, s.role == "treated") for i, s in enumerate(protocol.samples)}
+            dishes = SimulatedDishHandler(microscope_of(core), samples, list(protocol.timepoints), seed=seed)
+        else:
+            from pymmcore_plus import CMMCorePlus
+
+            from ..confocal.dishes import OperatorDishHandler
+
+            core = CMMCorePlus()
+            cfg = Path(confocal.config)
+            core.loadSystemConfiguration(str(cfg if cfg.is_absolute() else protocol_file.parent / cfg))
+            dishes = OperatorDishHandler(prompt, core)
+        controller = ConfocalController(core, confocal)
+    except (ConfocalRefused, OSError, RuntimeError) as exc:
+        folder.journal.append("confocal", "refused", reason=str(exc))
+        console.print(f"[red]✗[/red] confocal not started: {exc}")
+        return EXIT_REFUSED
+    session = ConfocalSession(controller, protocol, folder.path, dishes)
+    summary = run_protocol_schedule(protocol, folder, session.acquire, clock=clock, prompt=prompt, control=control)
+    console.print(f"Schedule {summary.state}: {len(summary.done)} acquisition(s) done, {len(summary.skipped)} skipped, "
+                  f"{len(summary.failed)} failed")
+    return 0 if summary.state == "finished" and not summary.failed else EXIT_REFUSED

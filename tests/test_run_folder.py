@@ -74,10 +74,10 @@ def test_journal_survives_a_torn_last_line(tmp_path):
     assert [e.data["index"] for e in reopened.events()] == [0, 1, 2]
 
 
-def test_run_command_creates_folder_and_says_engines_are_missing(cli, tmp_path):
-    code, output = cli("run", CLEM, "--out", tmp_path / "r")
+def test_run_command_says_the_fibsem_engine_is_missing(cli, tmp_path):
+    code, output = cli("run", SLICE, "--out", tmp_path / "r")
     assert code == 4, output
-    assert "cannot acquire yet" in output
+    assert "slice-and-view engine is not built" in output
     events = [json.loads(line) for line in (tmp_path / "r" / "journal.jsonl").read_text().splitlines()]
     assert [e["outcome"] for e in events] == ["created", "unavailable"]
 

@@ -64,7 +64,11 @@ def demo(
     relocated = _relocation_stage(run.path / "relocation", seed=seed)
     run.journal.append("relocation", "done", **relocated)
 
-    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation"])
+    console.print(Rule("5. Live-cell time course on the simulated confocal (virtual clock)"))
+    course = _timecourse_stage(folder / "nanoparticle_uptake_timecourse.yaml", run.path / "timecourse", seed=seed)
+    run.journal.append("timecourse", "done", **course)
+
+    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
 
@@ -141,3 +145,92 @@ def _relocation_stage(folder: Path, seed: int) -> dict:
     for picture in ("lm_10x_grid.png", "sem_overview_grid.png", "targets.json"):
         console.print(f"  [green]✓[/green] {folder / picture}")
     return {"label": position.label, "error_um": error}
+
+
+def _timecourse_stage(protocol_path: Path, out: Path, seed: int) -> dict:
+    """The 48 h time course, 2 dishes x 7 timepoints, on the simulator with a virtual clock.
+
+    The demo images one automatically chosen cell per dish in 5-plane stacks so that it takes a
+    couple of minutes; `clemflow run` runs the protocol as written.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from clemflow.confocal.controller import ConfocalController
+    from clemflow.confocal.session import ConfocalSession
+    from clemflow.simulators.confocal.core import build_simulated_core, microscope_of
+    from clemflow.simulators.confocal.dishes import SimulatedDishHandler
+
+    from ..io.run_folder import RunFolder
+    from ..schedule.clock import VirtualClock
+    from ..schedule.runner import run_protocol_schedule
+
+    protocol = load_protocol(protocol_path)
+    stack = protocol.confocal.zstack.model_copy(update={"range": 4 * 1e-6, "step": 1e-6})
+    first_square = {}
+    for item in protocol.confocal.targets.items:
+        first_square.setdefault(item.sample, item)
+    targets = protocol.confocal.targets.model_copy(update={"cells_per_square": 1, "items": list(first_square.values())})
+    confocal = protocol.confocal.model_copy(update={"zstack": stack, "targets": targets})
+    protocol = protocol.model_copy(update={"confocal": confocal})
+    clock = VirtualClock()
+    folder = RunFolder.open(out, protocol, protocol_path.read_text(encoding="utf-8"), clock=clock)
+    core = build_simulated_core(None, clock=clock, seed=seed)
+    samples = {s.id: (seed * 100 + i, s.role == "treated") for i, s in enumerate(protocol.samples)}
+    dishes = SimulatedDishHandler(microscope_of(core), samples, list(protocol.timepoints), seed=seed)
+    session = ConfocalSession(ConfocalController(core, confocal), protocol, folder.path, dishes)
+    total = len(protocol.samples) * len(protocol.timepoints)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console) as progress:
+        task = progress.add_task("acquisitions", total=total)
+
+        def listen(event) -> None:
+            if event.step == "acquire" and event.outcome in ("done", "failed", "skipped", "incomplete"):
+                hours = event.data.get("timepoint_s", 0) / 3600
+                progress.update(task, advance=1 if event.outcome != "incomplete" else 0,
+                                description=f"dish {event.data.get('sample')} at {hours:g} h: {event.outcome}")
+
+        summary = run_protocol_schedule(protocol, folder, session.acquire, clock=clock, listener=listen)
+    stacks = sorted(folder.path.glob("confocal/*/*/*.ome.tif"))
+    console.print(f"  schedule {summary.state}: {len(summary.done)} of {total} acquisitions done, "
+                  f"{len(stacks)} z-stacks in {folder.path / 'confocal'}")
+    _timecourse_picture(stacks, folder.path / "timecourse_639_mip.png")
+    console.print(f"  [green]✓[/green] {folder.path / 'timecourse_639_mip.png'}")
+    return {"done": len(summary.done), "stacks": len(stacks)}
+
+
+def _timecourse_picture(stacks: list[Path], path: Path) -> None:
+    """One row per dish and target, one column per timepoint: particle channel (639 nm), max projection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import tifffile
+
+    rows: dict[str, list[Path]] = {}
+    for stack in stacks:
+        rows.setdefault(f"{stack.parent.parent.name}/{stack.name.rsplit('_a', 1)[0]}", []).append(stack)
+    names = sorted(rows)
+    columns = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(names), columns, figsize=(1.6 * columns, 1.7 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, stack in enumerate(sorted(rows[name])):
+            with tifffile.TiffFile(stack) as tif:
+                data = tif.asarray()
+                channel = [i for i, n in enumerate(_channel_names(tif.ome_metadata)) if n == "639"] or [0]
+            mip = data[channel[0]].max(axis=0).astype(float)
+            axes[r, c].imshow(mip, cmap="magma", vmin=np.percentile(mip, 1), vmax=np.percentile(mip, 99.9))
+            axes[r, c].set_title(stack.parent.name.split("_", 1)[1], fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle("Particles (639 nm) in the same cells over the time course", fontsize=9)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _channel_names(ome: str) -> list[str]:
+    import re
+
+    return re.findall(r'<Channel [^>]*Name="([^"]+)"', ome)

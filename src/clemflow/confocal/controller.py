@@ -95,6 +95,10 @@ class ConfocalController:
         self.core.setPixelSizeUm(self.core.getCurrentPixelSizeConfig(), objective.pixel_size * 1e6)
         return objective
 
+    def focus_offset(self, objective: str) -> float:
+        """Parfocal offset of an objective, µm (from the protocol)."""
+        return self._objectives[objective].focus_offset * 1e6
+
     def use_channel(self, channel: ChannelExposure) -> None:
         preset = self._channels[channel.channel].preset or channel.channel
         self.core.setConfig(self.settings.channel_group, preset)
@@ -116,12 +120,13 @@ class ConfocalController:
     # -- overview and grid --------------------------------------------------------
 
     def overview(
-        self, centre_xy: tuple[float, float], span_um: float, focus_z: float | None = None
+        self, centre_xy: tuple[float, float], span_um: float, focus_z: float | None = None,
+        channel: ChannelExposure | None = None,
     ) -> tuple[NDArray, ImageView]:
         """Tile scan covering at least `span_um` around `centre_xy` with the overview objective,
-        stitched by stage position."""
+        stitched by stage position (transmitted light unless another channel is given)."""
         self.use_objective(self.settings.overview.objective)
-        self.use_channel(self.settings.overview.channel)
+        self.use_channel(channel or self.settings.overview.channel)
         pixel = self.core.getPixelSizeUm()
         h, w = self.core.getImageHeight(), self.core.getImageWidth()
         overlap = self.settings.overview.overlap_percent / 100.0
@@ -168,22 +173,25 @@ class ConfocalController:
 
     # -- focus and stacks ----------------------------------------------------------
 
-    def autofocus(self, xy: tuple[float, float], z_guess: float) -> float:
-        """Software autofocus: the z of highest transmitted-light sharpness in a sweep, refined by a parabola."""
-        settings = self.settings.autofocus
-        self.use_channel(ChannelExposure(channel=settings.channel, exposure="10 ms"))
-        half = settings.range * 1e6 / 2
-        step = settings.step * 1e6
-        zs = np.arange(z_guess - half, z_guess + half + step / 2, step)
-        self.travel.check(z=float(zs.min()), what="autofocus sweep")
-        self.travel.check(z=float(zs.max()), what="autofocus sweep")
-        self.move_xy(*xy, what="autofocus")
+    def find_glass(self, xy: tuple[float, float], z_guess: float, search_um: float = 40.0) -> float:
+        """Focus on the coverslip with the overview objective: the etched grid is sharpest on the glass."""
+        self.use_objective(self.settings.overview.objective)
+        self.use_channel(self.settings.overview.channel)
+        self.move_xy(*xy, what="finding the glass")
+        z = z_guess
+        for half, step in ((search_um / 2, search_um / 10), (search_um / 10, search_um / 50)):
+            z = self._sweep(z, half, step)
+        return z
+
+    def _sweep(self, centre: float, half: float, step: float) -> float:
+        zs = np.arange(centre - half, centre + half + step / 2, step)
+        self.travel.check(z=float(zs.min()), what="focus sweep")
+        self.travel.check(z=float(zs.max()), what="focus sweep")
         scores = []
         for z in zs:
             self.move_z(float(z))
             self.core.snapImage()
-            image = self.core.getImage().astype(np.float32)
-            scores.append(float(np.var(np.diff(image, axis=0)) + np.var(np.diff(image, axis=1))))
+            scores.append(_sharpness(self.core.getImage()))
         i = int(np.argmax(scores))
         best = float(zs[i])
         if 0 < i < len(zs) - 1:
@@ -192,6 +200,14 @@ class ConfocalController:
             if denom < 0:
                 best += step * float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
         return best
+
+    def autofocus(self, xy: tuple[float, float], z_guess: float) -> float:
+        """Software autofocus: the z of highest transmitted-light sharpness in a sweep, refined by a parabola."""
+        settings = self.settings.autofocus
+        self.use_objective(self.settings.zstack.objective)  # focus with the objective that takes the stack
+        self.use_channel(ChannelExposure(channel=settings.channel, exposure="10 ms"))
+        self.move_xy(*xy, what="autofocus")
+        return self._sweep(z_guess, settings.range * 1e6 / 2, settings.step * 1e6)
 
     def zstack(self, path: Path, xy: tuple[float, float], z_centre: float, metadata: dict[str, Any]) -> StackResult:
         """A multi-channel z-stack around z_centre, one OME-TIFF, gaps recorded at their own index."""
@@ -247,6 +263,15 @@ class ConfocalController:
             self.core.mda.run(sequence)
         finally:
             self.core.mda.events.frameReady.disconnect(on_frame)
+
+
+def _sharpness(image: NDArray) -> float:
+    """Focus measure robust to shot noise: energy of the Laplacian of a lightly smoothed image,
+    relative to its mean brightness squared (raw pixel differences would follow brightness, not focus)."""
+    from scipy import ndimage as ndi
+
+    smooth = ndi.gaussian_filter(image.astype(np.float32), 2.0)
+    return float(np.var(ndi.laplace(smooth)) / (float(smooth.mean()) ** 2 + 1e-9))
 
 
 def relocate_target(registration: GridRegistration, position: GridPosition) -> tuple[float, float]:

@@ -22,10 +22,14 @@ from ..grid.targets import Target, TargetsFile, read_targets, write_targets
 from ..protocol import Protocol
 from ..schedule.runner import AcquisitionResult
 from ..schedule.timeline import TimelineEntry
+from .cells import pick_cells
 from .controller import ConfocalController, ConfocalRefused
 from .dishes import DishHandler
 
 __all__ = ["ConfocalSession"]
+
+CELL_FOCUS_ABOVE_GLASS_UM = 3.0
+"""Where the search for a live cell's focus starts, above the coverslip."""
 
 OVERVIEW_SPAN_PITCHES = 2.4
 """The overview covers this many grid squares across: enough to read labels in both directions."""
@@ -48,6 +52,8 @@ class ConfocalSession:
             return read_targets(self.targets_path)
         scheme = self.protocol.samples[0].grid
         targets = []
+        if self.protocol.confocal.targets.mode == "automatic":
+            return TargetsFile(scheme=scheme, targets=targets)  # chosen from the first overview of each dish
         for i, item in enumerate(self.protocol.confocal.targets.items):
             if item.square is not None:
                 targets.append(Target(name=item.name or f"{item.sample}-{item.square}-{i}", sample=item.sample,
@@ -62,7 +68,10 @@ class ConfocalSession:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             centre = self.dishes.place(sample.id, index, self.last_centre.get(sample.id))
-            z_glass = self.focus_z.get(sample.id, ctl.core.getPosition())
+            z_glass = ctl.find_glass(centre, self.focus_z.get(sample.id, ctl.core.getPosition()))
+            self.focus_z[sample.id] = z_glass
+            z_glass_stack = z_glass - ctl.focus_offset(self.protocol.confocal.overview.objective) + ctl.focus_offset(
+                self.protocol.confocal.zstack.objective)
             span = OVERVIEW_SPAN_PITCHES * sample.grid.pitch_um
             mosaic, view = ctl.overview(centre, span, focus_z=z_glass)
             tifffile.imwrite(folder / f"overview_a{attempt}.tif", mosaic.astype(np.float32))
@@ -72,6 +81,19 @@ class ConfocalSession:
         self.last_centre[sample.id] = centre
 
         targets = self._targets()
+        if self.protocol.confocal.targets.mode == "automatic" and not any(t.sample == sample.id for t in targets.targets):
+            # First visit of this dish: choose cells in the listed squares and keep them for every timepoint.
+            per_square = self.protocol.confocal.targets.cells_per_square
+            stain = self.protocol.confocal.zstack.channels[0]
+            for item in self.protocol.confocal.targets.items:
+                if item.sample == sample.id and item.square:
+                    # a fluorescence overview of this square, centred on it
+                    square_xy = tuple(float(v) for v in registration.stage_of(GridPosition(item.square, (0.0, 0.0))))
+                    glow, glow_view = ctl.overview(square_xy, sample.grid.pitch_um * 1.05, focus_z=z_glass + CELL_FOCUS_ABOVE_GLASS_UM, channel=stain)
+                    tifffile.imwrite(folder / f"overview_{item.square}_{stain.channel}_a{attempt}.tif", glow.astype(np.float32))
+                    for k, cell in enumerate(pick_cells(glow, glow_view, registration, item.square, per_square)):
+                        targets.targets.append(Target(name=f"{sample.id}-{item.square}-cell{k}", sample=sample.id,
+                                                      label=cell.label, offset_um=cell.offset_um))
         mine = [t for t in targets.targets if t.sample == sample.id]
         files, gaps, details = [], 0, {"targets": []}
         for target in mine:
@@ -79,9 +101,10 @@ class ConfocalSession:
             xy = tuple(float(v) for v in registration.stage_of(position))
             error = registration.predicted_error_um(np.array(xy))
             try:
-                z = ctl.autofocus(xy, z_glass + 3.0)
+                # Cells sit on the glass: focus on the cell from just above the glass, stack around it.
+                z = ctl.autofocus(xy, z_glass_stack + CELL_FOCUS_ABOVE_GLASS_UM)
                 stack_path = folder / f"{target.name}_a{attempt}.ome.tif"
-                result = ctl.zstack(stack_path, xy, z + 0.5 * self.protocol.confocal.zstack.range * 1e6, {
+                result = ctl.zstack(stack_path, xy, z, {
                     "protocol": self.protocol.experiment.name, "sample": sample.id, "timepoint_s": entry.timepoint_s,
                     "target": target.name, "label": target.label, "offset_um": list(target.offset_um),
                     "stage_um": list(xy), "predicted_error_um": error, "attempt": attempt,

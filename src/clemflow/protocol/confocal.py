@@ -32,6 +32,11 @@ class Objective(ProtocolModel):
     immersion: Literal["air", "water", "oil", "silicone", "glycerol"] = "air"
     pixel_size: Length = Field(description="Camera pixel size in the sample plane, e.g. '0.103 um'.")
     preset: str | None = Field(None, description="Micro-Manager preset in the objective group; defaults to the name.")
+    focus_offset: Length = Field(
+        "0 um",
+        description="Focus-drive position of this objective's focal plane relative to the others' (parfocal offset), "
+        "e.g. '-8 um'; measured once per microscope by focusing each objective on the coverslip.",
+    )
 
     @field_validator("pixel_size")
     @classmethod
@@ -158,7 +163,8 @@ class Confocal(ProtocolModel):
     objective_group: str = "Objective"
     objectives: list[Objective] = Field(
         default_factory=lambda: [
-            Objective(name="10x", magnification=10, numerical_aperture=0.3, immersion="air", pixel_size="0.65 um"),
+            Objective(name="10x", magnification=10, numerical_aperture=0.3, immersion="air", pixel_size="0.65 um",
+                      focus_offset="-8 um"),
             Objective(name="63x", magnification=63, numerical_aperture=1.4, immersion="oil", pixel_size="0.103 um"),
         ]
     )

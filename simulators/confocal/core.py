@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +76,14 @@ def build_simulated_core(
     default: a virtual clock. The microscope is reachable as ``microscope_of(core)``.
     """
     ctx = context.install(world, pose, clock, faults, optics, glass_z_um=glass_z_um, seed=seed)
-    core = UniMMCore()
+    # The simulator needs no Micro-Manager C++ installation; silence pymmcore-plus's search for one.
+    logger = logging.getLogger("pymmcore-plus")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        core = UniMMCore()
+    finally:
+        logger.setLevel(level)
     core.loadSystemConfiguration(str(cfg or SIMULATED_CFG))
     follow_objective_pixel_size(core, ctx)
     core.updateSystemStateCache()

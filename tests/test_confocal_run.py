@@ -148,3 +148,26 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         if event["step"] == "acquire" and event["outcome"] == "done":
             for name in event.get("files", []):
                 assert tifffile.imread(out / name).shape == (2, 4, 512, 512)
+
+
+def test_target_outside_travel_refused_before_anything_moves(tmp_path, cli):
+    text = PROTOCOL.replace("      - {sample: C1, square: 4C, name: ctrl-a}",
+                            "      - {sample: C1, position: {x: 90 mm, y: 0 mm}, name: far-away}")
+    path = tmp_path / "unsafe.yaml"
+    path.write_text(text)
+    code, output = cli("run", path, "--out", tmp_path / "run", "--time-scale", "3600")
+    assert code == 3, output
+    assert "outside the stage travel" in output and "far-away" in output
+    journal = (tmp_path / "run" / "journal.jsonl").read_text()
+    assert '"step":"confocal","outcome":"refused"' in journal and '"step":"acquire"' not in journal
+
+
+def test_z_range_beyond_a_short_focus_drive_is_refused(tmp_path):
+    from clemflow.confocal.controller import ConfocalRefused, StageTravel
+
+    protocol = parse_protocol(PROTOCOL.replace("    range: 3 um", "    range: 300 um"), tmp_path / "p.yaml")
+    core = build_simulated_core(None, clock=VirtualClock())
+    controller = ConfocalController(core, protocol.confocal, travel=StageTravel(z=(0.0, 200.0)))  # a piezo stage
+    with pytest.raises(ConfocalRefused, match="exceeds the focus drive"):
+        controller.preflight(protocol.confocal.targets.items, tmp_path, stacks=6)
+    assert core.getPosition() == 2000.0  # nothing moved

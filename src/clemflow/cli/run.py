@@ -94,6 +94,9 @@ def _run_confocal(protocol: Protocol, folder: RunFolder, clock, protocol_file: P
             core.loadSystemConfiguration(str(cfg if cfg.is_absolute() else protocol_file.parent / cfg))
             dishes = OperatorDishHandler(prompt, core)
         controller = ConfocalController(core, confocal)
+        cells = max(1, confocal.targets.cells_per_square) if confocal.targets.mode == "automatic" else 1
+        stacks = len(protocol.timepoints) * max(1, len(confocal.targets.items)) * cells
+        controller.preflight(confocal.targets.items, folder.path, stacks)
     except (ConfocalRefused, OSError, RuntimeError) as exc:
         folder.journal.append("confocal", "refused", reason=str(exc))
         console.print(f"[red]✗[/red] confocal not started: {exc}")

@@ -9,6 +9,7 @@ stage's travel before anything moves.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,26 @@ class ConfocalController:
                     f"configuration group {group!r} has no preset {', '.join(map(repr, missing))}; "
                     f"it has {', '.join(map(repr, sorted(presets)))}"
                 )
+
+    def preflight(self, targets: list, out_dir: Path, stacks: int) -> None:
+        """Refuse, before anything moves, what cannot be done: explicit target positions outside the
+        travel, a z range larger than the focus drive, or too little disk for the planned stacks."""
+        for target in targets:
+            if target.position is not None:
+                x, y = target.position.x * 1e6, target.position.y * 1e6
+                z = None if target.position.z is None else target.position.z * 1e6
+                self.travel.check(x=x, y=y, z=z, what=f"target {target.name or target.sample} (protocol)")
+        z_lo, z_hi = self.travel.z
+        for what, span in (("z-stack range", self.settings.zstack.range), ("autofocus range", self.settings.autofocus.range)):
+            if span * 1e6 > z_hi - z_lo:
+                raise ConfocalRefused(f"{what} {span * 1e6:.0f} µm exceeds the focus drive's travel {z_hi - z_lo:.0f} µm")
+        frame_bytes = 2 * self.core.getImageWidth() * self.core.getImageHeight()
+        needed = stacks * len(self.settings.zstack.channels) * self.settings.zstack.planes * frame_bytes
+        free = shutil.disk_usage(out_dir).free
+        if needed > free:
+            raise ConfocalRefused(
+                f"the run needs about {needed / 1e9:.1f} GB for its z-stacks but {out_dir} has {free / 1e9:.1f} GB free"
+            )
 
     def use_objective(self, name: str) -> Objective:
         objective = self._objectives[name]

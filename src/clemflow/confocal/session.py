@@ -112,6 +112,10 @@ class ConfocalSession:
             except ConfocalRefused as exc:
                 details["targets"].append({"name": target.name, "refused": str(exc)})
                 continue
+            except OSError as exc:  # a full disk: what is written stays valid; stop, do not retry blindly
+                details["targets"].append({"name": target.name, "error": str(exc)})
+                write_targets(self.targets_path, targets)
+                return AcquisitionResult("failed", files=tuple(files), details={**details, "reason": str(exc)}, fatal=True)
             files.append(str(stack_path.relative_to(self.run_dir)))
             gaps += len(result.gaps)
             target.lm_stage_um = xy

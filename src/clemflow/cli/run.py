@@ -102,7 +102,13 @@ def _run_confocal(protocol: Protocol, folder: RunFolder, clock, protocol_file: P
         console.print(f"[red]✗[/red] confocal not started: {exc}")
         return EXIT_REFUSED
     session = ConfocalSession(controller, protocol, folder.path, dishes)
-    summary = run_protocol_schedule(protocol, folder, session.acquire, clock=clock, prompt=prompt, control=control)
+    try:
+        summary = run_protocol_schedule(protocol, folder, session.acquire, clock=clock, prompt=prompt, control=control)
+    finally:
+        # Finished, aborted or failed: leave the sample in the dark and the stage still.
+        core.setShutterOpen(False)
+        core.stop(core.getXYStageDevice())
+        folder.journal.append("confocal", "safe", shutter_open=bool(core.getShutterOpen()))
     console.print(f"Schedule {summary.state}: {len(summary.done)} acquisition(s) done, {len(summary.skipped)} skipped, "
                   f"{len(summary.failed)} failed")
     return 0 if summary.state == "finished" and not summary.failed else EXIT_REFUSED

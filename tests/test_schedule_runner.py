@@ -379,7 +379,9 @@ def test_operator_thread_prompts_on_time_while_the_instrument_works(tmp_path):
     events = _events(folder)
     prompts = [e for e in events if e.step == "stain" and e.outcome == "prompted" and e.data["timepoint"] == 1]
     assert [e.data["sample"] for e in prompts] == ["D1", "D2"]
-    assert all(abs(e.data["delay_s"]) < 300 for e in prompts)  # within 5 protocol minutes of 1.5 h
+    # within half an hour of protocol time (50 ms of wall time at this scale, so a busy machine does not
+    # fail it); without the operator thread the prompt would wait for the 1.2 h acquisitions.
+    assert all(abs(e.data["delay_s"]) < 1800 for e in prompts)
     first_d2 = next(e for e in events if e.step == "acquire" and e.outcome == "done" and e.data["sample"] == "D2")
     assert prompts[-1].seq < first_d2.seq  # asked while D2 was being imaged at 1 h
     answers = [e.outcome for e in events if e.step == "stain" and e.outcome != "prompted"]

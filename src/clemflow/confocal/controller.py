@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from pymmcore_plus import CMMCorePlus
 
 from ..grid.find import GridNotFound, find_grid
-from ..grid.registration import CameraGeometry, GridPosition, GridRegistration, ImageView, register_grid
+from ..grid.registration import CameraGeometry, GridRegistration, ImageView, register_grid
 from ..protocol.confocal import ChannelExposure, Confocal, Objective
 from ..protocol.grid_scheme import GridScheme
 from .engine import GapRecordingEngine
@@ -294,7 +294,3 @@ def _sharpness(image: NDArray) -> float:
     smooth = ndi.gaussian_filter(image.astype(np.float32), 2.0)
     return float(np.var(ndi.laplace(smooth)) / (float(smooth.mean()) ** 2 + 1e-9))
 
-
-def relocate_target(registration: GridRegistration, position: GridPosition) -> tuple[float, float]:
-    x, y = registration.stage_of(position)
-    return float(x), float(y)

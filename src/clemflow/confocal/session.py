@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
@@ -130,6 +129,3 @@ class ConfocalSession:
         status = "done" if files and gaps == 0 else ("incomplete" if files else "failed")
         return AcquisitionResult(status, files=tuple(files), details={**details, "gaps": gaps})
 
-
-def summary_of(results: list[AcquisitionResult]) -> dict[str, Any]:
-    return {"files": sum(len(r.files) for r in results)}

@@ -10,7 +10,6 @@ as predicted only.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +102,3 @@ def measure_crossings(image: NDArray, lattice: Lattice, min_evidence: float = 4.
         out.append(MeasuredCrossing((int(u), int(v)), (float(x), float(y)), measured, float(score)))
     return out
 
-
-def crossing_spread(crossings: list[MeasuredCrossing]) -> float:
-    """RMS distance between measured and predicted crossings (pixels), NaN if none measured."""
-    d = [math.dist(c.measured_xy, c.predicted_xy) for c in crossings if c.measured_xy is not None]
-    return float(np.sqrt(np.mean(np.square(d)))) if d else float("nan")

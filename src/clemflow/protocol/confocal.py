@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import ProtocolModel, check_range
+from .base import ProtocolModel, in_range
 from .units import Duration, Length
 
 __all__ = [
@@ -38,10 +38,7 @@ class Objective(ProtocolModel):
         "e.g. '-8 um'; measured once per microscope by focusing each objective on the coverslip.",
     )
 
-    @field_validator("pixel_size")
-    @classmethod
-    def _pixel_size(cls, value: float) -> float:
-        return check_range(value, 10e-9, 20e-6, "pixel size", "length")
+    _pixel_size = in_range("pixel_size", low=10e-9, high=20e-6, what="pixel size", dimension="length")
 
 
 class Channel(ProtocolModel):
@@ -53,10 +50,7 @@ class Channel(ProtocolModel):
     emission: Length | None = Field(None, description="Centre of the emission band, e.g. '525 nm'.")
     preset: str | None = Field(None, description="Micro-Manager preset in the channel group; defaults to the name.")
 
-    @field_validator("excitation", "emission")
-    @classmethod
-    def _visible(cls, value: float | None) -> float | None:
-        return None if value is None else check_range(value, 300e-9, 1100e-9, "wavelength", "length")
+    _visible = in_range("excitation", "emission", low=300e-9, high=1100e-9, what="wavelength", dimension="length")
 
     @model_validator(mode="after")
     def _fluorescence_has_wavelength(self) -> "Channel":
@@ -72,10 +66,7 @@ class ChannelExposure(ProtocolModel):
     exposure: Duration = Field(description="Camera exposure, e.g. '100 ms'.")
     power_percent: float = Field(10.0, ge=0, le=100, description="Laser or lamp power in percent of maximum.")
 
-    @field_validator("exposure")
-    @classmethod
-    def _exposure(cls, value: float) -> float:
-        return check_range(value, 10e-6, 10.0, "exposure", "duration")
+    _exposure = in_range("exposure", low=10e-6, high=10.0, what="exposure", dimension="duration")
 
 
 class Overview(ProtocolModel):
@@ -130,15 +121,9 @@ class ZStack(ProtocolModel):
     range: Length = Field(description="Total z range centred on focus, e.g. '8 um'.")
     step: Length = Field(description="z step, e.g. '0.3 um'.")
 
-    @field_validator("range")
-    @classmethod
-    def _range(cls, value: float) -> float:
-        return check_range(value, 0.0, 500e-6, "z range", "length")
+    _range = in_range("range", low=0.0, high=500e-6, what="z range", dimension="length")
 
-    @field_validator("step")
-    @classmethod
-    def _step(cls, value: float) -> float:
-        return check_range(value, 20e-9, 50e-6, "z step", "length")
+    _step = in_range("step", low=20e-9, high=50e-6, what="z step", dimension="length")
 
     @property
     def planes(self) -> int:

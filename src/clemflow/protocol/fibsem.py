@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import ProtocolModel, check_range
+from .base import ProtocolModel, in_range
 from .units import Current, Duration, Length, Voltage
 
 __all__ = ["Bridge", "FIBBeam", "FIBSEM", "SEMImaging", "SliceAndViewCadence", "StopCriteria", "Trench"]
@@ -56,20 +56,11 @@ class Trench(ProtocolModel):
     depth: Length = "15 um"  # type: ignore[assignment]
     current: Current = "15 nA"  # type: ignore[assignment]
 
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, value: float) -> float:
-        return check_range(value, 1e-6, 300e-6, "trench size", "length")
+    _size = in_range("width", "height", low=1e-6, high=300e-6, what="trench size", dimension="length")
 
-    @field_validator("depth")
-    @classmethod
-    def _depth(cls, value: float) -> float:
-        return check_range(value, 0.5e-6, 100e-6, "trench depth", "length")
+    _depth = in_range("depth", low=0.5e-6, high=100e-6, what="trench depth", dimension="length")
 
-    @field_validator("current")
-    @classmethod
-    def _current(cls, value: float) -> float:
-        return check_range(value, 1e-12, 100e-9, "FIB current", "current")
+    _current = in_range("current", low=1e-12, high=100e-9, what="FIB current", dimension="current")
 
 
 class SEMImaging(ProtocolModel):
@@ -85,20 +76,11 @@ class SEMImaging(ProtocolModel):
     working_distance: Length = "5 mm"  # type: ignore[assignment]
     bit_depth: Literal[8, 16] = 8
 
-    @field_validator("voltage")
-    @classmethod
-    def _voltage(cls, value: float) -> float:
-        return check_range(value, 100.0, 30e3, "SEM voltage", "voltage")
+    _voltage = in_range("voltage", low=100.0, high=30e3, what="SEM voltage", dimension="voltage")
 
-    @field_validator("current")
-    @classmethod
-    def _current(cls, value: float) -> float:
-        return check_range(value, 1e-12, 100e-9, "SEM current", "current")
+    _current = in_range("current", low=1e-12, high=100e-9, what="SEM current", dimension="current")
 
-    @field_validator("pixel_size")
-    @classmethod
-    def _pixel(cls, value: float) -> float:
-        return check_range(value, 0.1e-9, 1e-6, "SEM pixel size", "length")
+    _pixel = in_range("pixel_size", low=0.1e-9, high=1e-6, what="SEM pixel size", dimension="length")
 
     @field_validator("frame")
     @classmethod
@@ -108,15 +90,9 @@ class SEMImaging(ProtocolModel):
                 raise ValueError(f"frame side {n} px is out of range; each side must lie between 64 and 32768 pixels")
         return value
 
-    @field_validator("dwell")
-    @classmethod
-    def _dwell(cls, value: float) -> float:
-        return check_range(value, 10e-9, 1e-3, "dwell time", "duration")
+    _dwell = in_range("dwell", low=10e-9, high=1e-3, what="dwell time", dimension="duration")
 
-    @field_validator("working_distance")
-    @classmethod
-    def _wd(cls, value: float) -> float:
-        return check_range(value, 1e-3, 50e-3, "working distance", "length")
+    _wd = in_range("working_distance", low=1e-3, high=50e-3, what="working distance", dimension="length")
 
     @property
     def frame_time_s(self) -> float:
@@ -136,15 +112,9 @@ class FIBBeam(ProtocolModel):
     voltage: Voltage = "30 kV"  # type: ignore[assignment]
     current: Current = "700 pA"  # type: ignore[assignment]
 
-    @field_validator("voltage")
-    @classmethod
-    def _voltage(cls, value: float) -> float:
-        return check_range(value, 500.0, 30e3, "FIB voltage", "voltage")
+    _voltage = in_range("voltage", low=500.0, high=30e3, what="FIB voltage", dimension="voltage")
 
-    @field_validator("current")
-    @classmethod
-    def _current(cls, value: float) -> float:
-        return check_range(value, 1e-12, 100e-9, "FIB current", "current")
+    _current = in_range("current", low=1e-12, high=100e-9, what="FIB current", dimension="current")
 
 
 class SliceAndViewCadence(ProtocolModel):
@@ -163,10 +133,7 @@ class StopCriteria(ProtocolModel):
     slices: int | None = Field(None, ge=1, le=100000)
     duration: Duration | None = Field(None, description="Wall-clock limit, e.g. '30 h'.")
 
-    @field_validator("depth")
-    @classmethod
-    def _depth(cls, value: float | None) -> float | None:
-        return None if value is None else check_range(value, 2e-9, 200e-6, "milling depth", "length")
+    _depth = in_range("depth", low=2e-9, high=200e-6, what="milling depth", dimension="length")
 
     @model_validator(mode="after")
     def _some_stop(self) -> "StopCriteria":
@@ -188,7 +155,4 @@ class FIBSEM(ProtocolModel):
     stop: StopCriteria = Field(default_factory=StopCriteria)
     stage_tilt_deg: float = Field(54.0, ge=0, le=90, description="Angle between the beams, 54 degrees on a Crossbeam.")
 
-    @field_validator("slice_thickness")
-    @classmethod
-    def _thickness(cls, value: float) -> float:
-        return check_range(value, 2e-9, 500e-9, "slice thickness", "length")
+    _thickness = in_range("slice_thickness", low=2e-9, high=500e-9, what="slice thickness", dimension="length")

@@ -9,6 +9,7 @@ range check that would let it through.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "failure",
     "image_buffer",
     "image_header",
+    "jsonable",
     "loads",
     "ok",
     "request",
@@ -61,6 +63,23 @@ def dumps(obj: Any) -> bytes:
 def canonical(obj: Any) -> str:
     """The form in which idempotency compares arguments: sorted keys, no whitespace."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays, tuples, paths and non-finite floats made plain JSON (NaN -> null)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
 
 
 def request(id: str, command: str, args: dict[str, Any] | None = None, key: str | None = None) -> dict[str, Any]:

@@ -197,6 +197,14 @@ class BridgeServer:
             self._bind()
         self._loop()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``stop()`` is called (from a signal handler, say); True if it was."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
     def stop(self) -> None:
         """Ask the loop to end; safe from a signal handler or any thread. ``close()`` cleans up."""
         self._stopping.set()

@@ -1,0 +1,146 @@
+"""`clemflow bridge serve|keys`: run the FIB-SEM bridge server beside the vendor software, make its keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from .app import app
+from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE
+
+bridge_app = typer.Typer(help="The FIB-SEM bridge (docs/bridge-protocol.md): a server beside the vendor software.",
+                         no_args_is_help=True)
+app.add_typer(bridge_app, name="bridge")
+
+KEYS_HELP = """Make CURVE keys: the server's pair (kept if it exists) and a new client pair NAME, allowed at once.
+
+Layout of DIR:
+
+  server.key             server public key: give it to every client
+
+  server.key_secret      server key pair: stays on the bridge PC
+
+  allowed/NAME.key       public keys of the clients the server accepts
+
+  clients/NAME.key_secret  the client's key pair: copy it to that client only
+
+  clients/NAME.key       the client's public key
+
+Start the server with `clemflow bridge serve --keys DIR`. A client needs
+server.key and its clients/NAME.key_secret. To shut a client out, delete its
+file from allowed/ and restart the server.
+"""
+
+
+@bridge_app.command("keys", help=KEYS_HELP)
+def keys(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Key folder (created if missing)."),
+    name: str = typer.Option("client", "--name", help="Name of the client key pair to make."),
+) -> None:
+    from clemflow.bridge.security import create_keys
+
+    try:
+        files = create_keys(directory, name)
+    except (FileExistsError, ValueError) as exc:
+        typer.echo(f"✗ {exc}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(f"server public key   {files.server_public}  (give to clients)")
+    typer.echo(f"server key pair     {files.server_secret}  (stays on the bridge PC)")
+    typer.echo(f"client key pair     {files.client_secret}  (copy to the client {name!r} only)")
+    typer.echo(f"allowed             {files.allowed / files.client_public.name}")
+
+
+@bridge_app.command("serve")
+def serve(
+    backend: str = typer.Option(..., "--backend", help="sim-smartsem, sim-autoscript, smartsem, autoscript or openfibsem."),
+    bind: str = typer.Option("tcp://127.0.0.1:5555", "--bind", help="Command address (ROUTER). Non-loopback needs --keys."),
+    events: str = typer.Option(None, "--events", help="Event address (PUB); default: the command port + 1."),
+    keys_dir: Path = typer.Option(None, "--keys", help="Key folder from `clemflow bridge keys`: CURVE on both sockets, allowed clients only."),
+    record: Path = typer.Option(Path("bridge-state/record"), "--record", help="Folder of the idempotency record (keep it across restarts)."),
+    sim_state: Path = typer.Option(Path("bridge-state/instrument"), "--sim-state", help="Simulated instrument's state and mill log."),
+    sim_time_scale: float = typer.Option(1.0, "--sim-time-scale", help="Simulated seconds per real second; 0 = no delays."),
+    sim_seed: int = typer.Option(0, "--sim-seed", help="Seed of the simulated specimen."),
+    sim_world: str = typer.Option("full", "--sim-world", help="Simulated specimen: full, or small (starts fast)."),
+    vendor_host: str = typer.Option(None, "--vendor-host", help="Host of the vendor software (autoscript, openfibsem)."),
+    heartbeat: float = typer.Option(1.0, "--heartbeat", help="Seconds between heartbeat events."),
+) -> None:
+    """Serve one instrument: prints one JSON line {"event": "listening", ...} on stdout, then logs on stderr."""
+    from clemflow.bridge.security import InsecureBind, check_bind
+    from clemflow.bridge.server import BridgeServer, default_events_endpoint
+
+    _log_to_stderr()
+    events = events or default_events_endpoint(bind)
+    try:
+        for endpoint in (bind, events):
+            check_bind(endpoint, have_keys=keys_dir is not None)
+    except InsecureBind as exc:
+        typer.echo(f"✗ {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    if sim_world not in ("full", "small"):
+        raise typer.BadParameter("must be full or small", param_hint="--sim-world")
+    if heartbeat <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--heartbeat")
+    from .bridge_backends import BackendOptions, UnknownBackend, open_backend
+
+    options = BackendOptions(sim_state=sim_state, sim_time_scale=sim_time_scale, sim_seed=sim_seed,
+                             sim_world=sim_world, vendor_host=vendor_host)  # type: ignore[arg-type]
+    try:
+        instrument = open_backend(backend, options)
+    except UnknownBackend as exc:
+        typer.echo(f"✗ {exc}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except ImportError as exc:
+        typer.echo(f"✗ backend {backend}: {exc}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    try:
+        server = BridgeServer(instrument, bind=bind, events=events, record_dir=record, keys=keys_dir,
+                              heartbeat_s=heartbeat, backend_name=backend)
+        try:
+            server.start()
+        except Exception as exc:  # address in use, missing keys: say so before anyone waits for the line
+            typer.echo(f"✗ cannot start the bridge on {bind} / {events}: {exc}", err=True)
+            server.close()
+            raise typer.Exit(EXIT_REFUSED) from None
+        _stop_on_signals(server)
+        print(json.dumps({"event": "listening", "commands": server.commands_endpoint, "events": server.events_endpoint,
+                          "server_id": server.server_id, "backend": backend, "pid": _pid()}), flush=True)
+        try:
+            server.wait()
+        finally:
+            server.close()
+    finally:
+        instrument.close()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _stop_on_signals(server) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C and SIGTERM end the wait; close() then lets a running operation end and be recorded."""
+
+    def handler(signum: int, frame: object) -> None:
+        logging.getLogger("clemflow.bridge.server").info("signal %d: stopping", signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _log_to_stderr() -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    root = logging.getLogger("clemflow")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    if not sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(message)s"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend, InstrumentLimits, Job
-from .operations import expected_frame_s, expected_mill_s, operation_timeout_s
+from .operations import Timeouts, expected_frame_s, expected_mill_s
 from .validate import (
     parse_autofunction,
     parse_fault,
@@ -79,8 +79,9 @@ def plan_set(command: str, args: Any, limits: InstrumentLimits) -> Callable[[Bac
     raise KeyError(command)
 
 
-def plan_long(command: str, args: Any, limits: InstrumentLimits) -> LongCall:
+def plan_long(command: str, args: Any, limits: InstrumentLimits, timeouts: Timeouts = Timeouts()) -> LongCall:
     """Validate a long command against the limits; returns the call with its expected time and timeout."""
+    operation_timeout_s = timeouts.operation
     if command == "grab_frame":
         frame = parse_frame(args, limits)
         expected = expected_frame_s(frame)

@@ -21,22 +21,11 @@ __all__ = [
     "FrameStore",
     "Operation",
     "OperationJob",
-    "QUERY_TIMEOUT_S",
-    "SET_TIMEOUT_S",
-    "LONG_START_TIMEOUT_S",
+    "Timeouts",
     "expected_frame_s",
     "expected_mill_s",
-    "operation_timeout_s",
-    "timeouts_json",
 ]
 
-QUERY_TIMEOUT_S = 5.0
-SET_TIMEOUT_S = 15.0
-LONG_START_TIMEOUT_S = 10.0
-AUTOFUNCTION_TIMEOUT_S = 300.0
-STAGE_TIMEOUT_S = 180.0
-FRAME_MILL_FACTOR = 2.0
-FRAME_MILL_EXTRA_S = 60.0
 PROGRESS_INTERVAL_S = 0.1
 RESIN_SPUTTER_YIELD_UM3_PER_NC = 0.27  # as clemflow.fibsem.estimate; an upper bound of removed volume per charge
 
@@ -52,20 +41,31 @@ def expected_mill_s(request: MillRequest) -> float:
     return volume_um3 / (RESIN_SPUTTER_YIELD_UM3_PER_NC * request.current_a * 1e9)
 
 
-def operation_timeout_s(command: str, expected_s: float) -> float:
-    """Section 5: 2 x expected + 60 s for frames and mills, 300 s for autofunctions, 180 s for stage moves."""
-    if command in ("grab_frame", "mill"):
-        return FRAME_MILL_FACTOR * expected_s + FRAME_MILL_EXTRA_S
-    if command == "move_stage":
-        return STAGE_TIMEOUT_S
-    return AUTOFUNCTION_TIMEOUT_S
+@dataclass(frozen=True)
+class Timeouts:
+    """Section 5's timeouts: replies per class (for clients), and how long each operation may run."""
 
+    query_s: float = 5.0
+    set_s: float = 15.0
+    long_start_s: float = 10.0
+    autofunction_s: float = 300.0
+    move_stage_s: float = 180.0
+    frame_mill_factor: float = 2.0
+    frame_mill_extra_s: float = 60.0
 
-def timeouts_json() -> dict[str, float]:
-    """The ``timeouts_s`` of ``hello``."""
-    return {"query": QUERY_TIMEOUT_S, "set": SET_TIMEOUT_S, "long_start": LONG_START_TIMEOUT_S,
-            "autofunction": AUTOFUNCTION_TIMEOUT_S, "move_stage": STAGE_TIMEOUT_S,
-            "frame_mill_factor": FRAME_MILL_FACTOR, "frame_mill_extra_s": FRAME_MILL_EXTRA_S}
+    def operation(self, command: str, expected_s: float) -> float:
+        """2 x expected + 60 s for frames and mills, 300 s for autofunctions, 180 s for stage moves."""
+        if command in ("grab_frame", "mill"):
+            return self.frame_mill_factor * expected_s + self.frame_mill_extra_s
+        if command == "move_stage":
+            return self.move_stage_s
+        return self.autofunction_s
+
+    def as_json(self) -> dict[str, float]:
+        """The ``timeouts_s`` of ``hello``."""
+        return {"query": self.query_s, "set": self.set_s, "long_start": self.long_start_s,
+                "autofunction": self.autofunction_s, "move_stage": self.move_stage_s,
+                "frame_mill_factor": self.frame_mill_factor, "frame_mill_extra_s": self.frame_mill_extra_s}
 
 
 def new_operation_id() -> str:

@@ -37,7 +37,7 @@ from .backend import Backend, Description, Frame, InstrumentFault, Unsupported
 from .commands import CHANGES_INSTRUMENT, COMMANDS, LONG, QUERY, LongCall, plan_long, plan_set
 from .errors import BridgeError
 from .events import EventPublisher
-from .operations import FrameStore, Operation, OperationJob, timeouts_json
+from .operations import FrameStore, Operation, OperationJob, Timeouts
 from .record import Record, RecordEntry
 from .security import ServerAuth, apply_server_curve, check_bind, load_server_keys
 
@@ -138,6 +138,7 @@ class BridgeServer:
         heartbeat_s: float = 1.0,
         backend_name: str | None = None,
         frames_kept: int = 4,
+        timeouts: Timeouts = Timeouts(),
         context: zmq.Context | None = None,
     ) -> None:
         events = events or default_events_endpoint(bind)
@@ -149,6 +150,7 @@ class BridgeServer:
         self.bind, self.events_bind = bind, events
         self.keys = Path(keys) if keys is not None else None
         self.heartbeat_s = float(heartbeat_s)
+        self.timeouts = timeouts
         self.server_id = uuid.uuid4().hex
         self.description = backend.describe()
         self.backend_name = backend_name or self.description.backend
@@ -437,7 +439,7 @@ class BridgeServer:
         return {"protocol": wire.PROTOCOL_VERSION, "server": SERVER_VERSION, "server_id": self.server_id,
                 "backend": self.backend_name, "vendor": d.vendor, "model": d.model, "serial": d.serial,
                 "events_port": int(port) if port.isdigit() else None, "events": self.events_endpoint,
-                "heartbeat_s": self.heartbeat_s, "timeouts_s": timeouts_json(), "limits": self.limits_json,
+                "heartbeat_s": self.heartbeat_s, "timeouts_s": self.timeouts.as_json(), "limits": self.limits_json,
                 "supports_faults": d.supports_faults, "commands": list(COMMANDS)}
 
     def _state(self, backend: Backend) -> dict[str, Any]:
@@ -519,7 +521,7 @@ class BridgeServer:
             return
         limits = self.description.limits
         if kind == LONG:
-            call = plan_long(req.command, req.args, limits)
+            call = plan_long(req.command, req.args, limits, self.timeouts)
             self._start_long(req, call, canonical)
         elif req.command == "cancel":
             self._cancel(req, _text_arg(req.args, "operation"), canonical)
@@ -682,7 +684,7 @@ class BridgeServer:
         if current is not None:
             op, job, _ = current
             if not job.cancelled and time.time() - op.started > op.timeout_s:
-                log.warning("%s %s passed its timeout of %.0f s: asking the instrument to stop", op.command, op.operation, op.timeout_s)
+                log.warning("%s %s passed its timeout of %g s: asking the instrument to stop", op.command, op.operation, op.timeout_s)
                 job.cancel("timeout")
                 with self._lock:
                     op.message = f"timed out after {op.timeout_s:g} s; stopping"
@@ -705,7 +707,7 @@ class BridgeServer:
             buffers = None
         frames: list[Any] = [req.peer] + ([b""] if req.delimited else []) + [payload] + list(buffers or [])
         try:
-            self._router.send_multipart(frames, copy=len(frames) <= 3)
+            self._router.send_multipart(frames, copy=not buffers)  # pixels go out without a copy
         except zmq.ZMQError as exc:
             log.warning("reply to %r not sent: %s", req.id, exc)
 

@@ -235,7 +235,7 @@ class BridgeServer:
         if self._router is not None and not self._loop_started.is_set():  # bound but never served
             self._close_loop_sockets()
         if self._own_context:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # every socket is closed by now, unless a thread failed to end: then close it
 
     def __enter__(self) -> BridgeServer:
         return self.start()
@@ -275,6 +275,7 @@ class BridgeServer:
             pub.close(0)
             if self._auth is not None:
                 self._auth.stop()
+                self._auth = None
             raise
         self.commands_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -310,18 +311,24 @@ class BridgeServer:
                             frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        try:
+                            self._handle(frames)
+                        except Exception:  # _handle answers everything; this guards the loop against a bug in answering
+                            log.exception("request handling failed")
                 if self._wake_pull in ready:
                     while True:
                         try:
                             self._wake_pull.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                self._send_posted()
-                now = time.monotonic()
-                if now >= next_chores:
-                    next_chores = now + 0.2
-                    self._chores()
+                try:
+                    self._send_posted()
+                    now = time.monotonic()
+                    if now >= next_chores:
+                        next_chores = now + 0.2
+                        self._chores()
+                except Exception:
+                    log.exception("bridge loop chores failed")
         finally:
             self._close_loop_sockets()
             self._loop_done.set()
@@ -531,7 +538,7 @@ class BridgeServer:
                 raise BridgeError("unsupported", f"{self.backend_name} is a real instrument: faults cannot be switched")
             if req.command in CHANGES_INSTRUMENT and self.busy is not None:
                 raise BridgeError("busy", f"{self.busy} is running; {req.command} waits until it ends", details={"operation": self.busy})
-            self.record.begin(req.key, req.command, canonical)
+            self._begin(req, canonical)
             self._call_backend(req, fn, record=True)
 
     def _replay(self, req: _Request, entry: RecordEntry) -> None:
@@ -558,8 +565,7 @@ class BridgeServer:
 
     def _cancel(self, req: _Request, op_id: str, canonical: str) -> None:
         op, entry = self._find_operation(op_id)
-        assert req.key is not None
-        self.record.begin(req.key, req.command, canonical)
+        self._begin(req, canonical)
         if op is not None:
             with self._lock:
                 current = self._current
@@ -574,6 +580,16 @@ class BridgeServer:
         self._reply(req, reply)
         if op is not None and result["cancel_requested"]:
             log.info("cancel of %s %s requested", op.command, op_id)
+
+    def _begin(self, req: _Request, canonical: str, operation: str | None = None) -> None:
+        """Record ``started`` (fsynced) before anything is sent; if that fails, nothing is sent."""
+        assert req.key is not None
+        try:
+            self.record.begin(req.key, req.command, canonical, operation)
+        except OSError as exc:
+            log.error("the record could not be written: %s", exc)
+            raise BridgeError("internal", f"the idempotency record could not be written ({exc}); nothing was sent to the instrument",
+                              retry_safe=True) from None
 
     def _call_backend(self, req: _Request, fn: Callable[[Backend], Any], *, record: bool) -> None:
         """Run a short backend call on the backend thread; the reply (and record end) follow from there."""
@@ -623,7 +639,7 @@ class BridgeServer:
                 raise BridgeError("busy", f"{busy.command} {busy.operation} is running; one long operation at a time",
                                   details={"operation": busy.operation})
             op = Operation(command=req.command, key=req.key, expected_s=round(call.expected_s, 6), timeout_s=round(call.timeout_s, 6))
-            self.record.begin(req.key, req.command, canonical, op.operation)
+            self._begin(req, canonical, op.operation)
             job = OperationJob(op, self._publish_operation, self._lock)
             thread = threading.Thread(target=self._run_operation, args=(op, job, call), name=f"bridge-{req.command}", daemon=True)
             self._ops[op.operation] = op

@@ -13,6 +13,8 @@ import typer
 from .app import app
 from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE
 
+EXIT_FAILED = 1  # the instrument or its software could not be reached or described
+
 bridge_app = typer.Typer(help="The FIB-SEM bridge (docs/bridge-protocol.md): a server beside the vendor software.",
                          no_args_is_help=True)
 app.add_typer(bridge_app, name="bridge")
@@ -97,9 +99,18 @@ def serve(
     except ImportError as exc:
         typer.echo(f"✗ backend {backend}: {exc}", err=True)
         raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except Exception as exc:  # the vendor software is not there, refuses, ...: say so, not a traceback
+        logging.getLogger("clemflow.bridge").debug("opening %s failed", backend, exc_info=True)
+        typer.echo(f"✗ could not open backend {backend}: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
     try:
-        server = BridgeServer(instrument, bind=bind, events=events, record_dir=record, keys=keys_dir,
-                              heartbeat_s=heartbeat, backend_name=backend)
+        try:
+            server = BridgeServer(instrument, bind=bind, events=events, record_dir=record, keys=keys_dir,
+                                  heartbeat_s=heartbeat, backend_name=backend)
+        except Exception as exc:
+            logging.getLogger("clemflow.bridge").debug("starting the bridge failed", exc_info=True)
+            typer.echo(f"✗ could not start the bridge over {backend}: {type(exc).__name__}: {exc}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
         try:
             server.start()
         except Exception as exc:  # address in use, missing keys: say so before anyone waits for the line

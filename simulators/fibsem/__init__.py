@@ -10,6 +10,7 @@ from .faults import FAULT_NAMES, FaultPanel
 from .instrument import SMALL_WORLD, SimulatedFibSem
 from .milling import read_mill_log
 from .smartsem import FIB_PROBES, SmartSEMApi
+from .autoscript import SdbMicroscopeClient
 
 __all__ = [
     "FAULT_NAMES",
@@ -18,6 +19,7 @@ __all__ = [
     "FaultPanel",
     "InstrumentError",
     "SimulatedFibSem",
+    "SdbMicroscopeClient",
     "SmartSEMApi",
     "read_mill_log",
 ]

@@ -170,6 +170,11 @@ class BridgeClient:
         return self._link.epoch
 
     @property
+    def resends(self) -> int:
+        """Requests sent again (same key) because no reply came within their class's timeout."""
+        return self._link.resent
+
+    @property
     def available(self) -> bool:
         """False while the server has been silent for more than 3 heartbeats."""
         return self._link.alive

@@ -104,6 +104,8 @@ class Link:
         self.hello_ready = threading.Event()
         self.server_id: str | None = None
         self.epoch = 0  # restarts seen
+        self.resent = 0  # requests sent again after a reply timeout
+        self.reconnects = 0  # new DEALER/SUB pairs opened after the first
         self.last_heard = time.monotonic()
         self.alive = True
         self._closing = False
@@ -382,6 +384,7 @@ class Link:
                             command=pending.command, key=pending.key)))
                     else:
                         pending.attempts += 1
+                        self.resent += 1
                         pending.deadline = now + self.timeouts.get(pending.cls, DEFAULT_TIMEOUTS["query"])
                         resend = True
                         log.warning("no reply to %s (key %s) within %.1f s; re-sending on a new connection (attempt %d)",
@@ -396,6 +399,7 @@ class Link:
 
     def _reconnect(self) -> None:
         """New sockets; whatever was queued on the old ones is sent again with the same bytes."""
+        self.reconnects += 1
         self._open()
         self._resend_all()
         if not self.hello_ready.is_set():

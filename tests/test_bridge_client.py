@@ -1,0 +1,201 @@
+"""The clemflow bridge client against a real server process: restarts, a dead server, timeouts.
+
+Each test runs `python -m clemflow bridge serve --backend sim-smartsem` as a
+subprocess (it must be stoppable with SIGSTOP and restartable on the same
+port with the same record and instrument state) and checks the simulator's own
+mill log, so "executed once" is the instrument's word, not the client's.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from clemflow.bridge.backend import MillPattern
+from clemflow.bridge.client import BridgeClient, BridgeUnavailable
+from clemflow.simulators.fibsem import read_mill_log
+
+PATTERN = MillPattern("rectangle", (0.0, 0.0), 10e-6, 1e-6, 2e-6)
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 free on loopback (commands, events)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free pair of consecutive ports")
+
+
+class ServerProcess:
+    """`clemflow bridge serve` on a fixed port, restartable with the same record and instrument state."""
+
+    def __init__(self, root: Path, backend: str = "sim-smartsem", heartbeat_s: float = 1.0, time_scale: float = 0.0) -> None:
+        self.root, self.backend, self.heartbeat_s, self.time_scale = root, backend, heartbeat_s, time_scale
+        self.port = free_port_pair()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.state_dir = root / "instrument"
+        self.proc: subprocess.Popen | None = None
+        self.listening: dict = {}
+        self.starts = 0
+
+    def start(self) -> dict:
+        self.starts += 1
+        log = open(self.root / f"server-{self.starts}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", self.backend, "--bind", self.address,
+             "--sim-time-scale", str(self.time_scale), "--sim-world", "small", "--heartbeat", str(self.heartbeat_s),
+             "--record", str(self.root / "record"), "--sim-state", str(self.state_dir)],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        log.close()
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put("")
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if not line:
+                self.kill()
+                raise RuntimeError(f"server did not start:\n{(self.root / f'server-{self.starts}.log').read_text()[-3000:]}")
+            if line.startswith("{") and json.loads(line).get("event") == "listening":
+                self.listening = json.loads(line)
+                return self.listening
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc = ServerProcess(tmp_path)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def until(call, timeout_s: float = 30.0):
+    """``call()`` once the server answers again (a restart takes a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except BridgeUnavailable:
+            if time.monotonic() > deadline:
+                raise
+
+
+def test_reconnects_after_restart_and_a_resent_key_is_milled_once(server):
+    with BridgeClient(server.address) as client:
+        first_id = client.hello().server_id
+        current = client.state()["beams"]["ion"]["current_a"]
+        done = client.mill([PATTERN], current, key="run-r/slice-000001/mill")
+        assert done["patterns"] == 1
+        assert len(read_mill_log(server.state_dir)) == 1
+
+        assert server.stop() == 0
+        server.start()  # same port, same record, same instrument
+        state = until(client.state)
+        assert state["busy"] is None
+        deadline = time.monotonic() + 5
+        while client.restarts == 0 and time.monotonic() < deadline:  # told by the next heartbeat (or hello)
+            time.sleep(0.05)
+        assert client.server_id == server.listening["server_id"] != first_id
+        assert client.restarts == 1
+
+        # The engine, unsure whether its mill ran, sends it again with the same key: answered from the record.
+        handle = client.start("mill", {"patterns": [asdict(PATTERN)], "current_a": current, "voltage_v": None},
+                              key="run-r/slice-000001/mill")
+        assert handle.replayed and handle.state == "done"
+        assert client.wait(handle).state == "done"
+        again = client.mill([PATTERN], current, key="run-r/slice-000001/mill")
+        assert again["patterns"] == 1 and again.get("end_time") == done.get("end_time")
+        assert len(read_mill_log(server.state_dir)) == 1, "a replayed key milled again"
+
+        client.mill([PATTERN], current, key="run-r/slice-000002/mill")
+        assert len(read_mill_log(server.state_dir)) == 2
+        assert client.record("run-r/slice-000002/mill").state == "done"
+        assert client.record("run-r/slice-000003/mill").state == "unknown"
+
+
+def test_a_stopped_server_is_noticed_by_heartbeat_within_seconds(server):
+    with BridgeClient(server.address) as client:
+        assert client.hello().heartbeat_s == 1.0
+        client.state()
+        server.signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BridgeUnavailable) as caught:
+                client.state()
+            noticed = time.monotonic() - started
+            assert 2.0 <= noticed <= 5.0, noticed  # three missed 1 s heartbeats, not the 5 s query timeout x retries
+            assert server.address in str(caught.value) and caught.value.command == "state"
+            assert not client.available
+        finally:
+            server.signal(signal.SIGCONT)
+        assert until(client.state)["busy"] is None
+        assert client.available and client.restarts == 0  # the same server came back
+
+
+def test_a_timed_out_request_is_resent_with_its_key_and_executed_once(server):
+    with BridgeClient(server.address, timeouts={"long_start": 0.4}, retries=10) as client:
+        current = client.state()["beams"]["ion"]["current_a"]
+        server.signal(signal.SIGSTOP)
+        resume = threading.Timer(1.5, server.signal, (signal.SIGCONT,))  # shorter than 3 heartbeats: not "unavailable"
+        resume.start()
+        try:
+            handle = client.start("mill", {"patterns": [asdict(PATTERN)], "current_a": current, "voltage_v": None},
+                                  key="run-t/slice-000001/mill")
+        finally:
+            resume.join()
+            server.signal(signal.SIGCONT)
+        assert client.resends >= 2  # 0.4 s timeouts during a 1.5 s stop
+        assert client.wait(handle).state == "done"
+        assert len(read_mill_log(server.state_dir)) == 1
+        entry = client.record("run-t/slice-000001/mill")
+        assert entry.state == "done" and entry.operation == handle.operation

@@ -27,7 +27,7 @@ from clemflow.bridge.backend import (
 )
 from clemflow.cli.bridge_backends import BackendOptions, UnknownBackend, open_backend
 
-SIM_BACKENDS = ("sim-smartsem",)  # sim-autoscript: added with its driver
+SIM_BACKENDS = ("sim-smartsem", "sim-autoscript")
 
 
 class Job:

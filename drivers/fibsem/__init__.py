@@ -9,8 +9,8 @@ package imports anywhere; the look-alike simulators in ``clemflow.simulators.fib
 have the same shapes and run these same backends off the microscope.
 """
 
-# autoscript: added when written
+from .autoscript import AutoScriptBackend
 from .openfibsem import OpenFIBSEMBackend
 from .smartsem import SmartSEMBackend
 
-__all__ = ["OpenFIBSEMBackend", "SmartSEMBackend"]
+__all__ = ["AutoScriptBackend", "OpenFIBSEMBackend", "SmartSEMBackend"]

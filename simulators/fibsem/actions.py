@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import Aborted, AutofunctionFailed, BeamOff, BeamTrip, Busy, FrameTimeout, Interlock, OutOfRange, StageError
+from .errors import (Aborted, AutofunctionFailed, BeamOff, BeamTrip, Busy, FrameTimeout, Interlock, OutOfRange,
+                     StageError)
 from .imaging import blank_frame, render_electron, render_ion, wd_true_m
 from .milling import add_pit, append_mill_log, normalise_patterns, plan_mill
 from .state import LIMITS, WD_REF_M, Z_REF_M
@@ -102,9 +103,9 @@ class Actions:
         check_range("dwell_s", dwell_s, LIMITS["dwell_s"])
         if bit_depth not in (8, 16):
             raise OutOfRange(f"bit_depth {bit_depth!r} not 8 or 16", field="bit_depth", limits=(8, 16))
+        self._ready(beam, "grab")
         if detector is not None:
             self.set_beam(beam, detector=detector)
-        self._ready(beam, "grab")
         dwell = quantise_dwell(dwell_s)
         duration = frame_time_s(w, h, dwell, n)
         conflicts = {f"scan:{beam}", "stage", f"auto:{beam}"} | ({"mill"} if beam == "ion" else set())

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ION_CURRENTS", "Beam", "Patterning", "Setting"]
 
-ION_CURRENTS: list[float] = sorted({10e-12, *(c for _, c in FIB_PROBES.values())})
+ION_CURRENTS: list[float] = sorted(c for _, c in FIB_PROBES.values())
 SCAN_DIRECTIONS = {"TopToBottom": "top_to_bottom", "BottomToTop": "bottom_to_top", "LeftToRight": "left_to_right",
                    "RightToLeft": "right_to_left"}
 
@@ -52,8 +52,8 @@ class Setting:
                     raise _invalid(f"{self._path}: {v!r} outside {self._limits.min:g}..{self._limits.max:g}")
         if self._available is not None:
             options = self._available()
-            ok = any(v == o or (isinstance(o, float) and isinstance(v, (int, float)) and math.isclose(v, o, rel_tol=1e-6))
-                     for o in options)
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = any(v == o or (numeric and isinstance(o, float) and math.isclose(v, o, rel_tol=1e-6)) for o in options)
             if not ok:
                 raise _invalid(f"{self._path}: {v!r} is not one of the available values {options}")
         self._m.run(lambda: self._put(v))
@@ -108,7 +108,8 @@ class Beam:
             scan["resolution"] = f"{w}x{h}"
 
         self.scanning = SimpleNamespace(
-            rotation=Setting(m, f"{path}.scanning.rotation", lambda: math.radians(inst.beam_report(name)["scan_rotation_deg"]),
+            rotation=Setting(m, f"{path}.scanning.rotation",
+                             lambda: math.radians(inst.beam_report(name)["scan_rotation_deg"]),
                              lambda v: inst.set_beam(name, scan_rotation_deg=math.degrees(v)),
                              limits=Limits(-2 * math.pi, 2 * math.pi)),
             resolution=Setting(m, f"{path}.scanning.resolution", lambda: scan["resolution"], put_resolution),

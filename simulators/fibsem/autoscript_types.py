@@ -143,14 +143,14 @@ class AdornedImage:
 def adorn(data: np.ndarray, meta: dict[str, Any], detector_name: str) -> AdornedImage:
     """Wrap the instrument's frame and report in AutoScript's metadata shape."""
     st = meta["stage"]
+    hfw = meta["horizontal_field_width_m"]
     md = SimpleNamespace(
         binary_result=SimpleNamespace(pixel_size=Point(*meta["pixel_size_m"]), bits_per_pixel=meta["bit_depth"]),
         scan_settings=SimpleNamespace(dwell_time=meta["dwell_s"], line_integration=meta["line_averaging"],
                                       scan_rotation=np.deg2rad(meta["scan_rotation_deg"]),
                                       frame_time=meta["frame_time_s"]),
         optics=SimpleNamespace(working_distance=meta["working_distance_m"],
-                               scan_field_of_view=Point(meta["horizontal_field_width_m"],
-                                                        meta["horizontal_field_width_m"] * data.shape[0] / data.shape[1]),
+                               scan_field_of_view=Point(hfw, hfw * data.shape[0] / data.shape[1]),
                                beam_type="Electron" if meta["beam"] == "electron" else "Ion"),
         beam=SimpleNamespace(high_voltage=meta["voltage_v"], beam_current=meta["current_a"],
                              beam_type="Electron" if meta["beam"] == "electron" else "Ion",

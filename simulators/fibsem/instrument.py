@@ -30,7 +30,7 @@ from .actions import Actions
 from .errors import BeamOff, Interlock, OutOfRange
 from .faults import FaultPanel
 from .milling import read_mill_log
-from .state import BEAMS, DETECTORS, LIMITS, SITE_RADIUS_UM, InstrumentState, Site, load_state, save_state
+from .state import BEAMS, DETECTORS, LIMITS, SITE_RADIUS_UM, Site, load_state, save_state
 from .timing import Waiter
 
 __all__ = ["SMALL_WORLD", "SimulatedFibSem"]
@@ -297,8 +297,9 @@ class SimulatedFibSem(Actions):
 
         with self._lock:
             ion = self._state.ion
-            cur = check_range("current_a", ion.current_a if current_a is None else current_a, LIMITS["ion"]["current_a"])
-            kv = check_range("voltage_v", ion.voltage_v if voltage_v is None else voltage_v, LIMITS["ion"]["voltage_v"])
+            lim = LIMITS["ion"]
+            cur = check_range("current_a", ion.current_a if current_a is None else current_a, lim["current_a"])
+            kv = check_range("voltage_v", ion.voltage_v if voltage_v is None else voltage_v, lim["voltage_v"])
             pats = normalise_patterns(patterns, ion.hfw_m)
             st = self._state.stage
             site = self._current_site(create=False) or Site((st.x_m * 1e6, st.y_m * 1e6))

@@ -5,9 +5,11 @@ Every method returns a numeric error code (0 = success); ``Get`` returns
 stage ``AP_STAGE_GOTO_*``, ``CMD_AUTO_*``) check what they can at once (a
 refusal returns its code and starts nothing), then run on a background thread
 and return 0; their state parameter reports progress and, once it failed, the
-failure: ``DP_FROZEN`` (frames), ``DP_FIB_MODE`` (milling), ``DP_STAGE_IS``
-(stage), ``DP_AUTO_FUNCTION`` (autofunctions) answer ``Get`` with the error
-code of the last such operation until the next one starts. See README.md.
+failure: the first ``Get`` of ``DP_FROZEN`` (frames), ``DP_FIB_MODE``
+(milling), ``DP_STAGE_IS`` (stage) or ``DP_AUTO_FUNCTION`` (autofunctions)
+after an operation of that kind failed returns the failure's code (once; later
+reads return 0). ``Grab`` after a failed frame returns the code until the next
+frame starts. See README.md.
 """
 
 from __future__ import annotations
@@ -20,39 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (Aborted, AutofunctionFailed, BeamOff, BeamTrip, Busy, FrameTimeout, InstrumentError, Interlock,
-                     InvalidPattern, OutOfRange, StageError)
+from .errors import InstrumentError
+from .smartsem_codes import ERRORS, Refused, error_code
 from .smartsem_params import FIB_PROBES, SCANRATE_DWELL_S, build_table
 
-__all__ = ["ERRORS", "FIB_PROBES", "SmartSEMApi"]
+__all__ = ["ERRORS", "FIB_PROBES", "TIFF_HEADER", "SmartSEMApi"]
 
-ERRORS: dict[int, str] = {
-    0: "OK",
-    1000: "API not initialised",
-    1002: "unknown parameter or command",
-    1003: "value out of range",
-    1005: "parameter is read only",
-    1008: "command failed",
-    1010: "not allowed in this state",
-    1014: "vacuum not ready",
-    1017: "beam not on / tripped",
-    1021: "frame grab timed out",
-    1025: "stage error",
-    1032: "communication with the microscope lost",
-    2027: "FIB not ready",
-    2028: "ion source tripped",
-    2029: "milling failed",
-    2030: "pattern file invalid",
-    2031: "milling aborted",
-}
+TIFF_HEADER = "SmartSEM look-alike frame; instrument report (JSON) follows\n"
 _STICKY = {"DP_FROZEN": "grab", "DP_FIB_MODE": "mill", "DP_STAGE_IS": "stage", "DP_AUTO_FUNCTION": "auto"}
 _AUTO = {"CMD_AUTO_FOCUS_FINE": "autofocus", "CMD_AUTO_STIG": "autostigmation", "CMD_AUTO_BC": "auto_contrast"}
-
-
-class _Refused(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(ERRORS.get(code, "refused"))
-        self.code = code
 
 
 class _Job:
@@ -62,34 +40,7 @@ class _Job:
         self.message = ""
         self.progress = 0.0
         self.result: Any = None
-
-
-def error_code(e: Exception, kind: str = "") -> int:
-    """The SmartSEM code for an instrument error during ``kind`` (grab/mill/stage/auto/set)."""
-    if isinstance(e, _Refused):
-        return e.code
-    ion = getattr(e, "details", {}).get("beam") == "ion" or kind == "mill"
-    if isinstance(e, Interlock):
-        return 1014
-    if isinstance(e, BeamTrip):
-        return 2028 if ion else 1017
-    if isinstance(e, BeamOff):
-        return 2027 if ion else 1017
-    if isinstance(e, FrameTimeout):
-        return 1021
-    if isinstance(e, StageError):
-        return 1025
-    if isinstance(e, (OutOfRange, ValueError)):
-        return 1003
-    if isinstance(e, InvalidPattern):
-        return 2030
-    if isinstance(e, (Busy, PermissionError)):
-        return 1010
-    if isinstance(e, Aborted):
-        return 2031 if kind == "mill" else 0
-    if isinstance(e, AutofunctionFailed):
-        return 1008
-    return 2029 if kind == "mill" else 1008
+        self.reported = False  # the failure code was answered once on the state parameter
 
 
 class SmartSEMApi:
@@ -205,9 +156,10 @@ class SmartSEMApi:
             value = entry[0]()
         except InstrumentError as e:
             return error_code(e), None
-        kind = _STICKY.get(name)
-        if kind is not None and not self.jobs[kind].running:
-            return self.jobs[kind].code, value
+        job = self.jobs[_STICKY[name]] if name in _STICKY else None
+        if job is not None and not job.running and job.code and not job.reported:
+            job.reported = True
+            return job.code, value
         return 0, value
 
     def Set(self, name: str, value: Any) -> int:  # noqa: N802
@@ -221,7 +173,7 @@ class SmartSEMApi:
             return 1005
         try:
             entry[1](value)
-        except (InstrumentError, ValueError, TypeError, PermissionError, _Refused) as e:
+        except (InstrumentError, ValueError, TypeError, PermissionError, Refused) as e:
             return 1003 if isinstance(e, TypeError) else error_code(e, "set")
         return 0
 
@@ -268,7 +220,7 @@ class SmartSEMApi:
 
     def Grab(self, x: int, y: int, width: int, height: int, reduction: int, path: str) -> int:  # noqa: N802
         """Write the last frozen frame (region x, y, width, height in full-frame pixels, every
-        2^reduction-th pixel) as a TIFF; the instrument's metadata is the JSON ImageDescription."""
+        2^reduction-th pixel) as a TIFF; the ImageDescription is ``TIFF_HEADER`` + the instrument's report as JSON."""
         code = self._enter("Grab", x, y, width, height, reduction, path)
         if code:
             return code
@@ -292,7 +244,8 @@ class SmartSEMApi:
         try:
             import tifffile
 
-            tifffile.imwrite(path, np.ascontiguousarray(out), description=json.dumps(meta, default=_jsonable))
+            text = TIFF_HEADER + json.dumps(meta, default=_jsonable)  # not starting with "{": tifffile would read it
+            tifffile.imwrite(path, np.ascontiguousarray(out), description=text, metadata=None)  # as its own shape
         except OSError:
             return 1008
         return 0
@@ -360,7 +313,7 @@ class SmartSEMApi:
         if code:
             with self._lock:
                 self.stage_targets.clear()
-            raise _Refused(code)
+            raise Refused(code)
 
 
 def _jsonable(o: Any) -> Any:

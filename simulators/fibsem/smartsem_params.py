@@ -21,12 +21,15 @@ __all__ = ["FIB_PROBES", "SCANRATE_DWELL_S", "build_table"]
 
 # FIB probe table: name -> (voltage V, current A)
 FIB_PROBES: dict[str, tuple[float, float]] = {
+    "30kV:1pA": (30_000.0, 1e-12),
+    "30kV:10pA": (30_000.0, 10e-12),
     "30kV:50pA": (30_000.0, 50e-12),
     "30kV:100pA": (30_000.0, 100e-12),
     "30kV:300pA": (30_000.0, 300e-12),
     "30kV:700pA": (30_000.0, 700e-12),
     "30kV:1.5nA": (30_000.0, 1.5e-9),
     "30kV:3nA": (30_000.0, 3e-9),
+    "30kV:7nA": (30_000.0, 7e-9),
     "30kV:15nA": (30_000.0, 15e-9),
     "30kV:30nA": (30_000.0, 30e-9),
 }
@@ -139,6 +142,10 @@ def build_table(api: "SmartSEMApi") -> dict[str, tuple[Getter, Setter]]:
         return (lambda: float(api.stage_targets.get(axis, inst.stage_report()[axis])) / scale,
                 lambda v: api.stage_goto(axis, _num(float(v) * scale, *lim)))
 
+    def frozen() -> str:
+        job = api.jobs["grab"]
+        return "Live" if job.running or (job.code and not job.reported) else "Frozen"
+
     def vac_status() -> str:
         return "Ready" if inst.vacuum()["ready"] else "Pumping"
 
@@ -208,6 +215,6 @@ def build_table(api: "SmartSEMApi") -> dict[str, tuple[Getter, Setter]]:
         # autofunctions
         "DP_AUTO_FUNCTION": (lambda: "Busy" if api.job_running("auto") else "Idle", None),
         "DP_AUTO_FN_STATUS": (lambda: "Failed" if api.jobs["auto"].code else "OK", None),
-        "DP_FROZEN": (lambda: "Live" if api.job_running("grab") or api.jobs["grab"].code else "Frozen", None),
+        "DP_FROZEN": (frozen, None),
     }
     return t

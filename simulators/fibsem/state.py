@@ -137,7 +137,8 @@ class InstrumentState:
             b["beam_shift_m"] = tuple(b["beam_shift_m"])
             return BeamState(**b)
 
-        sites = [Site(tuple(s["origin_um"]), s["face_s_um"], s["mills"], [list(p) for p in s["pits"]]) for s in d["sites"]]
+        sites = [Site(tuple(s["origin_um"]), s["face_s_um"], s["mills"], [list(p) for p in s["pits"]])
+                 for s in d["sites"]]
         return cls(
             vacuum_ready=d["vacuum_ready"],
             chamber_pa=d["chamber_pa"],

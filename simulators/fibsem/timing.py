@@ -69,8 +69,8 @@ class Waiter:
         *,
         until: float = 1.0,
     ) -> float:
-        """Wait ``duration_s`` of instrument time or until ``stop`` is set, reporting progress up to
-        ``until`` (0..1 of the duration). Returns the fraction of ``until`` reached (1.0: full)."""
+        """Wait ``until`` x ``duration_s`` of instrument time (``until`` in 0..1), or less if ``stop`` is set;
+        ``progress`` gets the fraction of the whole duration done. Returns that fraction at the end."""
         target = max(0.0, min(until, 1.0))
         wall = self.wall_s(duration_s) * target
         if wall <= 0.0:

@@ -306,6 +306,8 @@ class Link:
             except (ValueError, UnicodeDecodeError):
                 log.warning("unreadable event dropped")
                 continue
+            if self.hello is None:
+                continue  # until hello names the event endpoint, these may be another server's events
             self._heard()
             if name == "heartbeat":
                 self._see_server(str(message.get("server_id")))

@@ -266,6 +266,42 @@ def test_a_fault_name_the_simulator_does_not_know_is_refused(sim):
     assert refused.value.name == "invalid_arguments"
 
 
+
+@pytest.mark.parametrize("name", SIM_BACKENDS)
+def test_state_during_a_mill_never_reaims_the_instrument(name, tmp_path):
+    """Detectors are reported per view/mode; reading the other beam's must not switch it under a running mill."""
+    backend = _open(name, tmp_path / "instrument", time_scale=1.0)
+    lookalike = backend._api if name == "sim-smartsem" else backend._m  # its call log: what reached the instrument
+    switches = {("Set", "DP_FIB_MODE"), ("imaging.set_active_view", None)}
+    try:
+        backend.describe()
+        job = Job()
+        failure: list[BaseException] = []
+
+        def mill() -> None:
+            try:
+                backend.mill(MillRequest((_cut(-6.0, 1.0),), current_a=700e-12), job)
+            except BaseException as exc:  # the cancel below ends it
+                failure.append(exc)
+
+        worker = threading.Thread(target=mill)
+        worker.start()
+        while not job.fractions and worker.is_alive():
+            time.sleep(0.01)
+        seen = len(lookalike.calls)
+        states = [backend.state() for _ in range(3)]
+        during = lookalike.calls[seen:]
+        job._cancelled.set()
+        worker.join(10)
+        assert not worker.is_alive() and failure and failure[0].name == "cancelled"
+        assert not [c for c in during if (c[0], c[1][0] if c[0] == "Set" else None) in switches]
+        for st in states:
+            assert st["beams"]["electron"]["detector"] in st["beams"]["electron"]["detectors"]
+            assert st["beams"]["ion"]["detector"] in st["beams"]["ion"]["detectors"]
+    finally:
+        backend.close()
+
+
 # -- OpenFIBSEM (its own Demo microscope) ---------------------------------------------
 
 needs_fibsem = pytest.mark.skipif(

@@ -9,9 +9,11 @@ cannot disagree about what "cancelled" or "timed out" means on the wire.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -20,7 +22,9 @@ from clemflow.bridge.backend import InstrumentFault, Job
 __all__ = [
     "Context",
     "beam_report",
+    "LongOperations",
     "fault",
+    "long_operation",
     "retry_safe_for",
     "stage_report",
     "to_bit_depth",
@@ -31,6 +35,43 @@ Context = Literal["query", "set", "image", "mill", "move", "autofunction"]
 """What the driver was doing when something failed: decides whether a retry is safe."""
 
 _DESTRUCTIVE: frozenset[str] = frozenset({"mill", "move"})
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class LongOperations:
+    """Counts the long operations under way, so a query never re-aims the instrument beneath one.
+
+    Vendor APIs report a detector only for the active view or mode; reading the
+    other beam's means switching, which must not happen mid-frame or mid-mill.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._count > 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+def long_operation(method: _F) -> _F:
+    """Run a backend method inside its ``self._long`` (a :class:`LongOperations`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._long:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def retry_safe_for(name: str, context: Context) -> bool:

@@ -40,7 +40,7 @@ from clemflow.bridge.backend import (
 )
 from clemflow.fibsem.estimate import RESIN_SPUTTER_YIELD_UM3_PER_NC
 
-from ._common import Context, beam_report, fault, stage_report, to_bit_depth, wait_for
+from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
 from .autoscript_codes import wire_name
 
 __all__ = ["AutoScriptBackend"]
@@ -96,6 +96,9 @@ class AutoScriptBackend:
         self._poll_s = poll_s
         self._sleep = sleep
         self._margin_s = margin_s
+        self._long = LongOperations()
+        self._active_view: int | None = None
+        self._detectors: dict[str, tuple[str, list[str]]] = {}
 
     @classmethod
     def connect(cls, host: str = "localhost", **kwargs: Any) -> AutoScriptBackend:
@@ -136,6 +139,20 @@ class AutoScriptBackend:
     def _view(self, beam: BeamName, context: Context) -> None:
         """Detector settings and grabs act on the active view: make it this beam's."""
         self._call(context, "choosing the view", self._m.imaging.set_active_view, _VIEW[beam])
+        self._active_view = _VIEW[beam]
+
+    def _detector(self, beam: BeamName, context: Context) -> tuple[str, list[str]]:
+        """The beam's detector and the ones it offers; read through its view, except beneath a long operation
+        on the other view, when the last reading stands."""
+        if self._long.running:
+            if self._active_view != _VIEW[beam]:
+                return self._detectors.get(beam, ("unknown", []))
+        else:
+            self._view(beam, context)
+        d = self._m.detector.type
+        found = (str(d.value), [str(v) for v in (d.available_values or [])])
+        self._detectors[beam] = found
+        return found
 
     def _background(self, fn: Callable[[], Any], job: Job, *, what: str, context: Context, timeout_s: float,
                     stop: Callable[[], None] | None, progress: Callable[[float], float | None] | None = None,
@@ -210,8 +227,7 @@ class AutoScriptBackend:
         b = self._beam_obj(beam)
         offered = [float(v) for v in self._offered(b.beam_current, "query")]
         current = Range(min(offered), max(offered), "A") if offered else self._range(b.beam_current, "A", (1e-12, 100e-9))
-        self._view(beam, "query")
-        detectors = tuple(str(d) for d in self._offered(self._m.detector.type, "query"))
+        detectors = tuple(self._detector(beam, "query")[1])
         return BeamLimits(
             voltage_v=self._range(b.high_voltage, "V", (200.0, 30e3)),
             current_a=current,
@@ -235,7 +251,7 @@ class AutoScriptBackend:
         b = self._beam_obj(beam)
 
         def read() -> dict[str, Any]:
-            self._m.imaging.set_active_view(_VIEW[beam])
+            detector, detectors = self._detector(beam, context)
             stig, shift = b.stigmator.value, b.beam_shift.value
             return beam_report(
                 on=b.is_on,
@@ -247,8 +263,8 @@ class AutoScriptBackend:
                 stigmation=(stig.x, stig.y),
                 beam_shift_m=(shift.x, shift.y),
                 scan_rotation_deg=math.degrees(b.scanning.rotation.value),
-                detector=self._m.detector.type.value,
-                detectors=list(self._m.detector.type.available_values or []),
+                detector=detector,
+                detectors=detectors,
             )
 
         return self._call(context, f"reading the {beam} beam", read)
@@ -316,6 +332,7 @@ class AutoScriptBackend:
 
     # -- frames ------------------------------------------------------------
 
+    @long_operation
     def grab_frame(self, request: FrameRequest, job: Job) -> Frame:
         b = self._beam_obj(request.beam)
         self._view(request.beam, "image")
@@ -381,6 +398,7 @@ class AutoScriptBackend:
 
     # -- milling -------------------------------------------------------------
 
+    @long_operation
     def mill(self, request: MillRequest, job: Job) -> dict[str, Any]:
         ion, pat = self._m.beams.ion_beam, self._m.patterning
         current = self._match_current(ion, request.current_a, "current_a", "mill")
@@ -444,6 +462,7 @@ class AutoScriptBackend:
 
     # -- stage ---------------------------------------------------------------
 
+    @long_operation
     def move_stage(self, move: StageMove, job: Job) -> dict[str, Any]:
         stage = self._m.specimen.stage
         target = self._s.StagePosition(
@@ -459,6 +478,7 @@ class AutoScriptBackend:
 
     # -- autofunctions -------------------------------------------------------
 
+    @long_operation
     def autofunction(self, kind: str, beam: BeamName, job: Job) -> dict[str, Any]:
         b, af = self._beam_obj(beam), self._m.auto_functions
         run = {"autofocus": af.run_auto_focus, "autostigmation": af.run_auto_stigma, "auto_contrast": af.run_auto_cb}[kind]

@@ -449,7 +449,7 @@ class OpenFIBSEMBackend:
                 raise fault("autofunction_diverged", f"autofocus went to {after['working_distance_m']:.4g} m", "autofunction")
         except InstrumentFault as exc:
             self._restore_focus(bt, before)
-            if exc.name == "cancelled":
+            if exc.name not in ("vendor_error", "autofunction_diverged"):  # cancelled, link lost: say so
                 raise
             raise fault("autofunction_diverged", f"autofocus failed ({exc.message}); working distance and stigmation restored",
                         "autofunction", restored_working_distance_m=before["working_distance_m"]) from exc

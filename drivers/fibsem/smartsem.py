@@ -42,7 +42,7 @@ from clemflow.bridge.backend import (
 )
 from clemflow.fibsem.estimate import RESIN_SPUTTER_YIELD_UM3_PER_NC
 
-from ._common import Context, beam_report, fault, stage_report, to_bit_depth, wait_for
+from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
 from .smartsem_codes import wire_name
 
 __all__ = ["CROSSBEAM_PROBES", "SmartSEMBackend", "parse_probe"]
@@ -73,6 +73,8 @@ PARAMS: dict[str, dict[str, str]] = {
 SCAN_RATE_BASE_S = 50e-9  # DP_SCANRATE n dwells 50 ns x 2^n
 SCAN_RATES = range(14)
 AUTOFUNCTION_SCAN_RATE = 2
+STAGE_TOLERANCE = {"x_m": 2e-6, "y_m": 2e-6, "z_m": 2e-6, "r_deg": 0.05, "t_deg": 0.05}
+"""How far from a target a finished move may end and still have arrived (a Crossbeam stage's repeatability)."""
 _PROBE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*kV\s*:\s*(\d+(?:\.\d+)?)\s*(fA|pA|nA|uA|µA)\s*$")
 _PREFIX = {"fA": 1e-15, "pA": 1e-12, "nA": 1e-9, "uA": 1e-6, "µA": 1e-6}
 _SCAN_DIRECTIONS = {"top_to_bottom", "bottom_to_top", "left_to_right", "right_to_left"}
@@ -120,6 +122,7 @@ class SmartSEMBackend:
         self._margin_s = margin_s
         self._serial = serial
         self._detectors: dict[str, str] = {}
+        self._long = LongOperations()
 
     @classmethod
     def connect(cls, **kwargs: Any) -> SmartSEMBackend:
@@ -201,6 +204,8 @@ class SmartSEMBackend:
     # -- description and state -------------------------------------------
 
     def describe(self) -> Description:
+        for beam in ("electron", "ion"):  # learn both detectors now, while nothing runs
+            self._detector(beam, "query")
         kv = [v for v, _ in self._probes.values()]
         amps = [a for _, a in self._probes.values()]
         electron = BeamLimits(
@@ -256,12 +261,15 @@ class SmartSEMBackend:
         return mode
 
     def _detector(self, beam: BeamName, context: Context) -> str:
-        """The beam's detector; SmartSEM reports only the active beam's, so others come from the last reading."""
+        """The beam's detector; SmartSEM reports only the active beam's, so others come from the last reading.
+
+        The first time, the mode is switched to read it, but never while a frame or mill runs.
+        """
         mode = str(self._peek("DP_FIB_MODE", context))
         active = "ion" if mode == "FIB" else "electron" if mode in ("SEM", "Mill + SEM") else None
         if active == beam:
             self._detectors[beam] = str(self._get("DP_DETECTOR_TYPE", context))
-        elif beam not in self._detectors and active is not None:
+        elif beam not in self._detectors and active is not None and not self._long.running:
             self._set("DP_FIB_MODE", MODE[beam], context)
             try:
                 self._detectors[beam] = str(self._get("DP_DETECTOR_TYPE", context))
@@ -374,6 +382,7 @@ class SmartSEMBackend:
 
     # -- frames ------------------------------------------------------------
 
+    @long_operation
     def grab_frame(self, request: FrameRequest, job: Job) -> Frame:
         width, height, p = request.width_px, request.height_px, PARAMS[request.beam]
         self._set("DP_FIB_MODE", MODE[request.beam], "image")
@@ -460,6 +469,7 @@ class SmartSEMBackend:
 
     # -- milling -------------------------------------------------------------
 
+    @long_operation
     def mill(self, request: MillRequest, job: Job) -> dict[str, Any]:
         probe = self._pick_probe(request.current_a, request.voltage_v, "current_a", "mill")
         volts, amps = self._probes[probe]
@@ -503,13 +513,21 @@ class SmartSEMBackend:
 
     # -- stage ---------------------------------------------------------------
 
+    @long_operation
     def move_stage(self, move: StageMove, job: Job) -> dict[str, Any]:
         here = self._stage("move")
         targets = {"X": move.x_m, "Y": move.y_m, "Z": move.z_m, "R": move.r_deg, "T": move.t_deg}
+        if all(value is None for value in targets.values()):
+            return here
         start_xyz = (here["x_m"], here["y_m"], here["z_m"])
+        first = True
         for axis, value in targets.items():
-            if value is not None:
-                self._set(f"AP_STAGE_GOTO_{axis}", value, "move")
+            if value is None:
+                continue
+            if not first:  # each target joins the running move; one that already failed must not be hidden
+                self._get("DP_STAGE_IS", "move")
+            self._set(f"AP_STAGE_GOTO_{axis}", value, "move")
+            first = False
         goal = tuple(v if v is not None else s for v, s in zip((move.x_m, move.y_m, move.z_m), start_xyz))
         distance = math.dist(start_xyz, goal)
 
@@ -530,10 +548,24 @@ class SmartSEMBackend:
             poll_s=self._poll_s,
             sleep=self._sleep,
         )
-        return self._stage("move")
+        return self._arrived(move)
+
+    def _arrived(self, move: StageMove) -> dict[str, float]:
+        """Where the stage is; a ``stage_error`` if it stopped short of any target axis (a move may end
+        quietly after an axis failed, since SmartSEM starts one per ``AP_STAGE_GOTO_*``)."""
+        at = self._stage("move")
+        short = {
+            axis: {"target": target, "at": at[axis]}
+            for axis, target in (("x_m", move.x_m), ("y_m", move.y_m), ("z_m", move.z_m), ("r_deg", move.r_deg), ("t_deg", move.t_deg))
+            if target is not None and abs(at[axis] - target) > STAGE_TOLERANCE[axis]
+        }
+        if short:
+            raise fault("stage_error", f"the stage stopped short of its target: {short}", "move", position=at, short=short)
+        return at
 
     # -- autofunctions -------------------------------------------------------
 
+    @long_operation
     def autofunction(self, kind: str, beam: BeamName, job: Job) -> dict[str, Any]:
         command = {"autofocus": "CMD_AUTO_FOCUS_FINE", "autostigmation": "CMD_AUTO_STIG", "auto_contrast": "CMD_AUTO_BC"}[kind]
         p = PARAMS[beam]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clemflow.bridge.backend import MillPattern
-from clemflow.bridge.client import BridgeClient, BridgeUnavailable
+from clemflow.bridge.client import BridgeClient, BridgeError, BridgeUnavailable
 from clemflow.simulators.fibsem import read_mill_log
 
 PATTERN = MillPattern("rectangle", (0.0, 0.0), 10e-6, 1e-6, 2e-6)
@@ -199,3 +199,67 @@ def test_a_timed_out_request_is_resent_with_its_key_and_executed_once(server):
         assert len(read_mill_log(server.state_dir)) == 1
         entry = client.record("run-t/slice-000001/mill")
         assert entry.state == "done" and entry.operation == handle.operation
+
+
+# ----------------------------------------------------------------------------- in-process server
+
+
+@pytest.fixture
+def inproc(tmp_path, request):
+    """A server in this process over sim-smartsem; `request.param` may set `time_scale` (default 0) and `curve`."""
+    from clemflow.bridge.security import create_keys
+    from clemflow.bridge.server import BridgeServer
+    from clemflow.cli.bridge_backends import BackendOptions, open_backend
+
+    options = getattr(request, "param", {})
+    keys = create_keys(tmp_path / "keys", "engine") if options.get("curve") else None
+    backend = open_backend("sim-smartsem", BackendOptions(sim_state=tmp_path / "instrument", sim_world="small",
+                                                          sim_time_scale=options.get("time_scale", 0.0)))
+    server = BridgeServer(backend, bind="tcp://127.0.0.1:0", events="tcp://127.0.0.1:0", record_dir=tmp_path / "record",
+                          keys=tmp_path / "keys" if keys else None).start()
+    try:
+        yield server, keys, tmp_path / "instrument"
+    finally:
+        server.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("inproc", [{"curve": True}], indirect=True)
+def test_curve_client_gets_replies_frames_and_events(inproc):
+    server, keys, _ = inproc
+    heartbeats: list[dict] = []
+    with BridgeClient(server.commands_endpoint, events=server.events_endpoint, server_key=keys.server_public,
+                      client_keys=keys.client_secret) as client:
+        client.subscribe(lambda topic, body: heartbeats.append(body) if topic == "heartbeat" else None)
+        assert client.hello().server_id == server.server_id
+        frame = client.grab_frame(beam="electron", width_px=128, height_px=96, dwell_s=1e-6, bit_depth=16, key="curve/frame-1")
+        assert frame.image.shape == (96, 128) and frame.image.dtype == "uint16" and frame.image.std() > 0
+        deadline = time.monotonic() + 5
+        while not heartbeats and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heartbeats and heartbeats[-1]["server_id"] == server.server_id  # the SUB talks CURVE too
+
+
+@pytest.mark.parametrize("inproc", [{"time_scale": 100.0}], indirect=True)
+def test_wait_reports_progress_and_a_cancelled_mill_ends_cancelled(inproc):
+    server, _, state_dir = inproc
+    with BridgeClient(server.commands_endpoint, events=server.events_endpoint) as client:
+        current = client.state()["beams"]["ion"]["current_a"]
+        handle = client.start("mill", {"patterns": [asdict(PATTERN)], "current_a": current, "voltage_v": None}, key="cancel/mill-1")
+        assert handle.expected_s / 100.0 > 2.0, "the mill should run long enough to be cancelled"
+        seen: list = []
+
+        def progress(op) -> None:
+            seen.append(op.progress)
+            if op.progress > 0.002 and len(seen) < 100:
+                client.cancel(handle, key="cancel/mill-1/cancel")
+
+        with pytest.raises(BridgeError) as caught:
+            client.wait(handle, progress=progress, poll_s=0.2)
+        assert caught.value.name == "cancelled" and caught.value.code == 430 and caught.value.retry_safe is False
+        assert caught.value.key == "cancel/mill-1" and caught.value.operation == handle.operation
+        assert 0.002 < max(seen) < 0.9
+        log = read_mill_log(state_dir)
+        assert len(log) == 1 and not log[0]["completed"]
+        assert client.operation(handle).state == "cancelled"
+        assert client.state()["busy"] is None

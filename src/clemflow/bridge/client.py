@@ -67,27 +67,20 @@ def command_class(command: str) -> str:
     return "query"
 
 
-def load_curve_keys(server_key: str | bytes | Path, client_keys: str | Path) -> CurveKeys:
-    """CURVE keys from files: the server's public key (a ``.key`` file or its Z85 text) and this client's pair.
+def load_curve_keys(server_key: str | bytes | Path, client_keys: str | Path, name: str | None = None) -> CurveKeys:
+    """CURVE keys from a key folder made by ``clemflow bridge keys`` (docs/bridge-protocol.md section 9).
 
-    ``client_keys`` is a ``NAME.key_secret`` file or a folder holding exactly
-    one such file (ZeroMQ certificate format, as ``clemflow bridge keys`` writes).
+    ``server_key``: the server's ``server.key`` file, the key folder holding
+    it, or the Z85 public key itself. ``client_keys``: this client's
+    ``NAME.key_secret`` file or a folder holding it (``name`` picks one).
     """
-    import zmq.auth
+    from . import security
 
-    if isinstance(server_key, (str, Path)) and Path(server_key).is_file():
-        server_public, _ = zmq.auth.load_certificate(str(server_key))
+    if isinstance(server_key, Path) or (isinstance(server_key, str) and Path(server_key).exists()):
+        server_public = security.load_public_key(server_key)
     else:
         server_public = server_key.encode("ascii") if isinstance(server_key, str) else bytes(server_key)
-    path = Path(client_keys)
-    if path.is_dir():
-        secrets = sorted(p for p in path.glob("*.key_secret") if p.name != "server.key_secret")
-        if len(secrets) != 1:
-            raise ValueError(f"{path} must hold exactly one client *.key_secret file, found {[p.name for p in secrets]}")
-        path = secrets[0]
-    public, secret = zmq.auth.load_certificate(str(path))
-    if not secret:
-        raise ValueError(f"{path} holds no secret key")
+    public, secret = security.load_client_keys(client_keys, name)
     return CurveKeys(server_public=server_public, public=public, secret=secret)
 
 

@@ -99,6 +99,9 @@ class Link:
         self.changed = threading.Condition(self._lock)  # notified on operation updates and life changes
         self._pending: dict[str, Pending] = {}
         self._outbox: collections.deque[Pending] = collections.deque()
+        self._unsent: collections.deque[Pending] = collections.deque()  # no connection took them yet (I/O thread only)
+        self._want_hello = True  # the I/O thread asks hello at start and after a restart, until answered
+        self._hello_sent = -float("inf")
         self.operations: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.hello: dict[str, Any] | None = None
         self.hello_ready = threading.Event()
@@ -208,6 +211,9 @@ class Link:
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             if self.curve is not None:
                 self.curve.apply(sock)
+        # Requests go only to an established connection: nothing waits in a queue to reach a server that
+        # comes back after its caller was told "unavailable" (and perhaps did something else meanwhile).
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
         for topic in EVENT_TOPICS:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
         self._dealer.connect(self.address)
@@ -217,31 +223,46 @@ class Link:
         self._poller.register(self._dealer, zmq.POLLIN)
         self._poller.register(self._sub, zmq.POLLIN)
 
-    def _send(self, body: bytes) -> None:
+    def _send(self, body: bytes) -> bool:
+        """Send now if a connection is up; False if not (nothing is queued for later)."""
         try:
             self._dealer.send(body, zmq.NOBLOCK)
+            return True
         except zmq.Again:
-            log.debug("send queue full; the request will be re-sent at its timeout")
+            return False
+
+    def _send_pending(self, pending: Pending) -> None:
+        if not pending.done.is_set() and not self._send(pending.body):
+            self._unsent.append(pending)
+
+    def _retry_unsent(self) -> None:
+        for _ in range(len(self._unsent)):
+            pending = self._unsent.popleft()
+            self._send_pending(pending)
+            if self._unsent and self._unsent[-1] is pending:
+                return  # still no connection: try the rest on a later turn
 
     def _run(self) -> None:
         self._open()
-        self._send_internal("hello")
         next_ping = time.monotonic() + self.heartbeat_s
         try:
             while not self._closing:
-                events = dict(self._poller.poll(50))
+                events = dict(self._poller.poll(5 if self._unsent else 50))
                 if self._wake_rx in events:
                     while True:
                         try:
                             self._wake_rx.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                self._retry_unsent()
                 self._flush_outbox()
                 if self._dealer in events:
                     self._read_replies()
                 if self._sub in events:
                     self._read_events()
                 now = time.monotonic()
+                if self._want_hello and now - self._hello_sent > 0.5 and self._send_internal("hello"):
+                    self._hello_sent = now
                 if now >= next_ping:
                     self._send_internal("ping")
                     next_ping = now + self.heartbeat_s
@@ -254,8 +275,8 @@ class Link:
                 if sock is not None:
                     sock.close(0)
 
-    def _send_internal(self, command: str) -> None:
-        self._send(wire.encode_request(f"{command}:{self.next_id()}", command))
+    def _send_internal(self, command: str) -> bool:
+        return self._send(wire.encode_request(f"{command}:{self.next_id()}", command))
 
     def _flush_outbox(self) -> None:
         while True:
@@ -263,9 +284,7 @@ class Link:
                 if not self._outbox:
                     return
                 pending = self._outbox.popleft()
-                if pending.done.is_set():
-                    continue
-            self._send(pending.body)
+            self._send_pending(pending)
 
     def _read_replies(self) -> None:
         while True:
@@ -321,7 +340,7 @@ class Link:
                 self._dispatch.put((name, message))
 
     def _take_hello(self, hello: dict[str, Any]) -> None:
-        self.hello = hello
+        self.hello, self._want_hello = hello, False
         if self._heartbeat_fixed is None and hello.get("heartbeat_s"):
             self.heartbeat_s = float(hello["heartbeat_s"])
         self.timeouts = {**DEFAULT_TIMEOUTS, **{k: float(v) for k, v in (hello.get("timeouts_s") or {}).items()}, **self._timeouts_fixed}
@@ -345,11 +364,14 @@ class Link:
             self.changed.notify_all()
         log.warning("bridge server at %s restarted (%s -> %s); re-sending %d pending request(s)", self.address, old, server_id, len(self._pending))
         self._resend_all()
-        self._send_internal("hello")
+        self._want_hello, self._hello_sent = True, -float("inf")
         self._dispatch.put(("_restart", {"old_server_id": old, "server_id": server_id}))
 
     def _heard(self) -> None:
-        self.last_heard = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_heard > 1.5 * self.heartbeat_s:
+            self._want_hello = True  # after a silence, learn at once whether this is a new server
+        self.last_heard = now
         if not self.alive:
             self.alive = True
             log.info("bridge server at %s answering again", self.address)
@@ -396,7 +418,9 @@ class Link:
         for pending, failure in expired:
             pending.failure = failure
             pending.done.set()
-        if resend:
+        if expired or resend:
+            # Fresh sockets: whatever of a failed request is still queued is dropped with the old DEALER,
+            # so the server cannot act on it later; the requests still pending are sent again.
             self._reconnect()
 
     def _reconnect(self) -> None:
@@ -404,14 +428,14 @@ class Link:
         self.reconnects += 1
         self._open()
         self._resend_all()
-        if not self.hello_ready.is_set():
-            self._send_internal("hello")
+        self._hello_sent = -float("inf")
 
     def _resend_all(self) -> None:
         with self._lock:
             waiting = [p for p in self._pending.values() if not p.done.is_set()]
+        self._unsent.clear()
         for pending in waiting:
-            self._send(pending.body)
+            self._send_pending(pending)
 
     def _fail_all(self, make: Callable[[Pending], BaseException]) -> None:
         with self._lock:

@@ -139,6 +139,8 @@ def test_reconnects_after_restart_and_a_resent_key_is_milled_once(server):
         assert len(read_mill_log(server.state_dir)) == 1
 
         assert server.stop() == 0
+        with pytest.raises(BridgeUnavailable):  # nobody there: this mill must not run when a server comes back
+            client.mill([PATTERN], current, key="run-r/slice-000002/mill-while-down")
         server.start()  # same port, same record, same instrument
         state = until(client.state)
         assert state["busy"] is None
@@ -161,6 +163,7 @@ def test_reconnects_after_restart_and_a_resent_key_is_milled_once(server):
         assert len(read_mill_log(server.state_dir)) == 2
         assert client.record("run-r/slice-000002/mill").state == "done"
         assert client.record("run-r/slice-000003/mill").state == "unknown"
+        assert client.record("run-r/slice-000002/mill-while-down").state == "unknown"  # never delivered late
 
 
 def test_a_stopped_server_is_noticed_by_heartbeat_within_seconds(server):

@@ -79,6 +79,37 @@ def test_unknown_backend_is_refused_by_name(tmp_path):
         open_backend("zeiss-magic", BackendOptions(sim_state=tmp_path))
 
 
+@pytest.mark.parametrize("name, package", [("smartsem", "pywin32"), ("autoscript", "autoscript_sdb_microscope_client")])
+def test_a_real_backend_without_its_vendor_package_says_what_it_needs(name, package, tmp_path):
+    if importlib.util.find_spec("win32com" if name == "smartsem" else package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(ImportError, match=package):
+        open_backend(name, BackendOptions(sim_state=tmp_path, vendor_host="192.0.2.1"))
+
+
+def test_com_calls_all_run_on_the_thread_that_built_the_object():
+    from clemflow.drivers.fibsem._onethread import OneThread
+
+    class Control:
+        def __init__(self) -> None:
+            self.home = threading.get_ident()
+
+        def Get(self, name: str) -> tuple[int, bool]:  # noqa: N802
+            return 0, threading.get_ident() == self.home
+
+    api = OneThread(Control)
+    try:
+        answers = []
+        workers = [threading.Thread(target=lambda: answers.append(api.Get("AP_WD"))) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert answers == [(0, True)] * 4 and api.Get("AP_WD") == (0, True)
+    finally:
+        api.close()
+
+
 def test_openfibsem_without_the_package_says_what_to_install(tmp_path):
     if importlib.util.find_spec("fibsem") is not None:
         pytest.skip("fibsem is installed here")

@@ -135,12 +135,14 @@ class SmartSEMBackend:
                 "the smartsem backend runs on the SmartSEM PC and needs pywin32 (pip install pywin32) "
                 "and SmartSEM's remote API (CZ.EMApiCtrl.1) registered"
             ) from exc
+        from ._czemapi import CZEMApi
         from ._onethread import OneThread
 
-        api = OneThread(lambda: win32com.client.Dispatch("CZ.EMApiCtrl.1"), initializer=pythoncom.CoInitialize, name="smartsem-com")
+        api = OneThread(lambda: CZEMApi(win32com.client.Dispatch("CZ.EMApiCtrl.1")), initializer=pythoncom.CoInitialize,
+                        name="smartsem-com")
         code = api.InitialiseRemoting()
         if code != 0:
-            name, meaning = wire_name(code)
+            _, meaning = wire_name(code)
             raise ConnectionError(f"SmartSEM InitialiseRemoting failed: {code} ({meaning})")
         return cls(api, **kwargs)
 

@@ -236,6 +236,7 @@ class BridgeServer:
             self._close_loop_sockets()
         if self._own_context:
             self._ctx.destroy(linger=0)  # every socket is closed by now, unless a thread failed to end: then close it
+        log.info("bridge %s stopped", self.server_id)
 
     def __enter__(self) -> BridgeServer:
         return self.start()

@@ -146,12 +146,16 @@ def _stop_on_signals(server) -> None:  # type: ignore[no-untyped-def]
 
 
 def _log_to_stderr() -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
+    """rich on a terminal; plain one-line records when stderr is a file or a pipe (a service, a test)."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("clemflow")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    if not sys.stderr.isatty():
-        handler.setFormatter(logging.Formatter("%(message)s"))

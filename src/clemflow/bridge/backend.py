@@ -209,7 +209,12 @@ class Unsupported(Exception):
 
 @runtime_checkable
 class Backend(Protocol):
-    """One instrument behind the bridge. Calls come one at a time from the server.
+    """One instrument behind the bridge.
+
+    The server runs at most one long operation at a time and never overlaps a
+    beam or detector change with one; ``state`` and ``set_fault`` may arrive
+    on another thread while a long operation runs, so they must be safe to
+    call concurrently with it.
 
     Short calls (``state``, ``set_beam``, ``set_detector``) return at once;
     long ones take a ``Job``, report progress and poll ``job.cancelled``.

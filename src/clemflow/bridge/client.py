@@ -265,6 +265,8 @@ class BridgeClient:
         handle = OperationHandle(operation=str(body["operation"]), command=command, key=key,
                                  expected_s=float(body.get("expected_s") or 0.0), timeout_s=float(body.get("timeout_s") or 0.0),
                                  replayed=bool(body.get("replayed")), state=str(body.get("state", "running")), epoch=epoch)
+        if "command" in body:  # the start reply is the OPERATION itself: a replayed one may have ended already
+            self._link.note_operation({k: v for k, v in body.items() if k != "replayed"})
         with self._handles_lock:
             self._handles[handle.operation] = handle
         return handle

@@ -84,7 +84,7 @@ class Link:
                  heartbeat_s: float | None = None, timeouts: dict[str, float] | None = None, retries: int = 2,
                  name: str = "clemflow") -> None:
         self.address = address
-        self.events = events or events_address(address)
+        self.events = events or (events_address(address) if address.startswith("tcp://") else "")
         self._events_fixed = events is not None
         self.curve = curve
         self._heartbeat_fixed = heartbeat_s
@@ -217,7 +217,8 @@ class Link:
         for topic in EVENT_TOPICS:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic)
         self._dealer.connect(self.address)
-        self._sub.connect(self.events)
+        if self.events:  # for ipc the event endpoint is known from hello
+            self._sub.connect(self.events)
         self._poller = zmq.Poller()
         self._poller.register(self._wake_rx, zmq.POLLIN)
         self._poller.register(self._dealer, zmq.POLLIN)
@@ -344,8 +345,10 @@ class Link:
         if self._heartbeat_fixed is None and hello.get("heartbeat_s"):
             self.heartbeat_s = float(hello["heartbeat_s"])
         self.timeouts = {**DEFAULT_TIMEOUTS, **{k: float(v) for k, v in (hello.get("timeouts_s") or {}).items()}, **self._timeouts_fixed}
-        if not self._events_fixed and hello.get("events_port"):
-            wanted = events_address(self.address, int(hello["events_port"]))
+        if not self._events_fixed and (hello.get("events_port") or hello.get("events")):
+            # tcp: same host as the commands, the port the server names; ipc and others: its endpoint as bound
+            port = hello.get("events_port")
+            wanted = events_address(self.address, int(port)) if port else str(hello["events"])
             if wanted != self.events:
                 self.events = wanted
                 self._reconnect()  # both sockets, on the advertised event port

@@ -167,7 +167,8 @@ class ServerInfo:
     vendor: str
     model: str
     serial: str
-    events_port: int
+    events_port: int | None  # None when the events are not on tcp (see ``events``)
+    events: str
     heartbeat_s: float
     timeouts_s: dict[str, float]
     limits: dict[str, Any]
@@ -181,7 +182,8 @@ class ServerInfo:
         return cls(
             protocol=int(body["protocol"]), server=str(body.get("server", "")), server_id=str(body["server_id"]),
             backend=str(body.get("backend", "")), vendor=str(body.get("vendor", "")), model=str(body.get("model", "")),
-            serial=str(body.get("serial", "")), events_port=int(body["events_port"]), heartbeat_s=float(body["heartbeat_s"]),
+            serial=str(body.get("serial", "")), events_port=int(body["events_port"]) if body.get("events_port") is not None else None,
+            events=str(body.get("events") or ""), heartbeat_s=float(body["heartbeat_s"]),
             timeouts_s={k: float(v) for k, v in dict(body.get("timeouts_s") or {}).items()},
             limits=dict(body.get("limits") or {}), supports_faults=bool(body.get("supports_faults", False)),
             commands=tuple(body.get("commands") or ()), extra={k: v for k, v in body.items() if k not in known},

@@ -377,7 +377,9 @@ def test_openfibsem_settings_are_read_back_in_wire_units(demo):
 
 @needs_fibsem
 def test_openfibsem_frame_has_the_requested_size_and_reported_pixel_size(demo):
-    frame = demo.grab_frame(FrameRequest("electron", 128, 96, 1e-7, line_averaging=2, horizontal_field_width_m=20e-6, bit_depth=16), Job())
+    frame = demo.grab_frame(FrameRequest("electron", 128, 96, 1e-7, line_averaging=2, detector="TLD",
+                                         horizontal_field_width_m=20e-6, bit_depth=16), Job())
+    assert frame.metadata["detector"] == "TLD" == demo.state()["beams"]["electron"]["detector"]
     assert frame.image.shape == (96, 128) and frame.image.dtype == np.uint16
     assert frame.metadata["pixel_size_m"][0] == pytest.approx(20e-6 / 128)
     assert frame.metadata["dwell_s"] == pytest.approx(1e-7) and frame.metadata["line_averaging"] == 2

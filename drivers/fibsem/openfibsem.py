@@ -39,7 +39,7 @@ from clemflow.bridge.backend import (
     Unsupported,
 )
 
-from ._common import Context, beam_report, fault, stage_report, to_bit_depth, wait_for
+from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
 
 __all__ = ["OpenFIBSEMBackend"]
 
@@ -86,6 +86,8 @@ class OpenFIBSEMBackend:
         self._poll_s = poll_s
         self._sleep = sleep
         self._margin_s = margin_s
+        self._long = LongOperations()
+        self._detectors: dict[str, str] = {}
 
     @classmethod
     def connect(cls, manufacturer: str = "Demo", ip_address: str = "localhost", *, session_path: Path | None = None) -> OpenFIBSEMBackend:
@@ -186,6 +188,8 @@ class OpenFIBSEMBackend:
             pattern_size_m=Range(1e-9, 500e-6, "m"),
             max_patterns=16,
         )
+        for beam in ("electron", "ion"):  # learn the detectors now, while nothing runs
+            self._detector(beam)
         return Description(
             vendor=f"OpenFIBSEM ({info.manufacturer})",
             model=str(info.model),
@@ -223,11 +227,17 @@ class OpenFIBSEMBackend:
                 stigmation=(stig.x, stig.y),
                 beam_shift_m=(shift.x, shift.y),
                 scan_rotation_deg=math.degrees(m.get_scan_rotation(bt) or 0.0),
-                detector=m.get_detector_type(bt),
+                detector=self._detector(beam),
                 detectors=self._values("detector_type", beam),
             )
 
         return self._call(context, f"reading the {beam} beam", read)
+
+    def _detector(self, beam: BeamName) -> str:
+        """On Thermo, OpenFIBSEM reads a detector by switching the imaging channel: never beneath a long operation."""
+        if not self._long.running or beam not in self._detectors:
+            self._detectors[beam] = str(self._m.get_detector_type(self._beam_type(beam)))
+        return self._detectors[beam]
 
     def _stage(self, context: Context = "query") -> dict[str, float]:
         p = self._call(context, "reading the stage", self._m.get_stage_position)
@@ -276,16 +286,19 @@ class OpenFIBSEMBackend:
             self._call("set", "setting brightness", m.set_detector_brightness, brightness, bt)
         if contrast is not None:
             self._call("set", "setting contrast", m.set_detector_contrast, contrast, bt)
+        self._detectors[beam] = str(self._call("set", "reading the detector", m.get_detector_type, bt))
         return {
-            "detector": str(self._call("set", "reading the detector", m.get_detector_type, bt)),
+            "detector": self._detectors[beam],
             "brightness": float(self._call("set", "reading brightness", m.get_detector_brightness, bt)),
             "contrast": float(self._call("set", "reading contrast", m.get_detector_contrast, bt)),
         }
 
+    @long_operation
     def grab_frame(self, request: FrameRequest, job: Job) -> Frame:
         m, bt, fs = self._m, self._beam_type(request.beam), self._fs
-        if request.detector is not None:
+        if request.detector is not None:  # chosen and read back before the scan, so metadata can name it
             self._call("image", "choosing the detector", m.set_detector_type, request.detector, bt)
+            self._detectors[request.beam] = str(self._call("image", "reading the detector", m.get_detector_type, bt))
         hfw = request.horizontal_field_width_m or self._call("image", "reading the field width", m.get_field_of_view, bt)
         settings = fs.ImageSettings(
             resolution=(request.width_px, request.height_px),
@@ -343,6 +356,7 @@ class OpenFIBSEMBackend:
         }
         return Frame(image=data, metadata=metadata)
 
+    @long_operation
     def mill(self, request: MillRequest, job: Job) -> dict[str, Any]:
         m, fs, ion = self._m, self._fs, self._fs.BeamType.ION
         current = self._match_current("ion", request.current_a, "current_a")
@@ -401,6 +415,7 @@ class OpenFIBSEMBackend:
             "end_time": time.time(),
         }
 
+    @long_operation
     def move_stage(self, move: StageMove, job: Job) -> dict[str, Any]:
         m, fs = self._m, self._fs
         target = fs.FibsemStagePosition(
@@ -431,6 +446,7 @@ class OpenFIBSEMBackend:
         if stage is not None and hasattr(stage, "stop"):
             stage.stop()
 
+    @long_operation
     def autofunction(self, kind: str, beam: BeamName, job: Job) -> dict[str, Any]:
         m, bt = self._m, self._beam_type(beam)
         if kind == "autostigmation":

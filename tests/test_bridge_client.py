@@ -110,8 +110,9 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server(tmp_path):
-    proc = ServerProcess(tmp_path)
+def server(tmp_path, request):
+    """A server process; `request.param` may set its heartbeat (default 1 s, as `clemflow bridge serve`)."""
+    proc = ServerProcess(tmp_path, heartbeat_s=getattr(request, "param", 1.0))
     proc.start()
     try:
         yield proc
@@ -130,6 +131,7 @@ def until(call, timeout_s: float = 30.0):
                 raise
 
 
+@pytest.mark.parametrize("server", [0.5], indirect=True)  # a quicker "unavailable" while it is down
 def test_reconnects_after_restart_and_a_resent_key_is_milled_once(server):
     with BridgeClient(server.address) as client:
         first_id = client.hello().server_id
@@ -186,10 +188,10 @@ def test_a_stopped_server_is_noticed_by_heartbeat_within_seconds(server):
 
 
 def test_a_timed_out_request_is_resent_with_its_key_and_executed_once(server):
-    with BridgeClient(server.address, timeouts={"long_start": 0.4}, retries=10) as client:
+    with BridgeClient(server.address, timeouts={"long_start": 0.3}, retries=10) as client:
         current = client.state()["beams"]["ion"]["current_a"]
         server.signal(signal.SIGSTOP)
-        resume = threading.Timer(1.5, server.signal, (signal.SIGCONT,))  # shorter than 3 heartbeats: not "unavailable"
+        resume = threading.Timer(1.0, server.signal, (signal.SIGCONT,))  # shorter than 3 heartbeats: not "unavailable"
         resume.start()
         try:
             handle = client.start("mill", {"patterns": [asdict(PATTERN)], "current_a": current, "voltage_v": None},
@@ -197,7 +199,7 @@ def test_a_timed_out_request_is_resent_with_its_key_and_executed_once(server):
         finally:
             resume.join()
             server.signal(signal.SIGCONT)
-        assert client.resends >= 2  # 0.4 s timeouts during a 1.5 s stop
+        assert client.resends >= 2  # 0.3 s timeouts during a 1 s stop
         assert client.wait(handle).state == "done"
         assert len(read_mill_log(server.state_dir)) == 1
         entry = client.record("run-t/slice-000001/mill")

@@ -112,6 +112,7 @@ class Link:
         self.last_heard = time.monotonic()
         self.alive = True
         self._closing = False
+        self._stopped = False  # the I/O thread has ended: nothing more can be sent
 
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.on_restart: Callable[[str, str], None] | None = None
@@ -141,13 +142,14 @@ class Link:
 
     def submit(self, command: str, args: dict[str, Any], key: str | None, cls: str) -> Pending:
         """Queue a request for the I/O thread; the caller then waits on ``pending.done``."""
-        if self._closing:
-            raise BridgeUnavailable(self.address, "the client is closed", command=command, key=key)
         rid = self.next_id()
         body = wire.encode_request(rid, command, args, key)  # refuses NaN/Infinity before anything is sent
         now = time.monotonic()
         pending = Pending(rid, command, key, cls, body, first_sent=now, deadline=now + self.timeouts.get(cls, DEFAULT_TIMEOUTS["query"]))
         with self._lock:
+            if self._closing or self._stopped:
+                reason = "the client is closed" if self._closing else "the client's I/O thread failed (see the log)"
+                raise BridgeUnavailable(self.address, reason, command=command, key=key)
             self._pending[rid] = pending
             self._outbox.append(pending)
         self._wake()
@@ -271,7 +273,10 @@ class Link:
         except Exception:  # a bug here must not leave callers hanging
             log.exception("bridge client I/O thread failed")
         finally:
-            self._fail_all(lambda p: BridgeUnavailable(self.address, "the client is closed", command=p.command, key=p.key))
+            with self._lock:
+                self._stopped = True
+            reason = "the client is closed" if self._closing else "the client's I/O thread failed (see the log)"
+            self._fail_all(lambda p: BridgeUnavailable(self.address, reason, command=p.command, key=p.key))
             for sock in (self._dealer, self._sub, self._wake_rx):
                 if sock is not None:
                     sock.close(0)

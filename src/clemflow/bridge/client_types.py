@@ -59,9 +59,12 @@ class BridgeError(errors.BridgeError):
 class BridgeUnavailable(ConnectionError):
     """No sign of life from the server (heartbeats, replies) for 3 x heartbeat_s, or the client was closed.
 
-    A keyed request that failed this way may or may not have reached the
-    server: send it again with the same key once the server is back (the
-    record answers it if it ran), or ask ``record(key)``.
+    The client never leaves a request queued for a server that is not
+    there, so a dead server will not run it when it comes back. A server that
+    was hung rather than dead (stopped, swapping) may still act on a request
+    that had already reached it when it resumes. Either way: send it again
+    with the same key once the server answers (the record answers it if it
+    ran), or ask ``record(key)`` before doing anything else.
     """
 
     def __init__(self, address: str, message: str, *, command: str | None = None, key: str | None = None):

@@ -247,7 +247,7 @@ def _serve(backend: str, address: str, root: Path) -> subprocess.Popen:
             return proc
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["sim-smartsem"])  # the crash is the instrument's, shared by both look-alikes
 def test_server_crash_mid_mill_is_reported_interrupted_after_restart(backend, tmp_path):
     address = f"tcp://127.0.0.1:{_free_port_pair()}"
     procs = [_serve(backend, address, tmp_path)]

@@ -210,7 +210,7 @@ class Link:
         for sock in (self._dealer, self._sub):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             if self.curve is not None:
                 self.curve.apply(sock)
         # Requests go only to an established connection: nothing waits in a queue to reach a server that

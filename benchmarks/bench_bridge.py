@@ -13,7 +13,9 @@
     microscope makes uint8 frames, so the bridge is timed with uint16 (the
     issue's frame) and uint8 (the same bytes as the baseline); MB/s = bytes
     of pixels / median seconds (MB = 1e6 bytes). The full ``grab_frame`` time
-    (simulator rendering included, time scale 0) is printed for context only.
+    (simulator rendering included, time scale 0) is printed for context only,
+    and so is a bare pyzmq ROUTER/DEALER transfer of the same bytes (the
+    transport's ceiling on this machine).
 
 Both servers are separate processes on this machine. Goal (issue 6): bridge
 frame transfer at least 10x OpenFIBSEM's MB/s.
@@ -138,6 +140,42 @@ def bare_dealer_round_trips(address: str, n: int) -> list[float]:
     return times
 
 
+def raw_zeromq_fetch_s(nbytes: int) -> float:
+    """The transport's own ceiling: a bare ROUTER thread answering a DEALER with ``nbytes`` on loopback TCP."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    payload = np.zeros(nbytes, dtype=np.uint8)
+    payload[::4096] = 1
+
+    def serve() -> None:
+        while True:
+            peer, body = router.recv_multipart()
+            if body == b"stop":
+                return
+            router.send_multipart([peer, b"{}", memoryview(payload)], copy=False)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    times = []
+    for i in range(FETCHES + 2):
+        t = time.perf_counter()
+        dealer.send(b"x")
+        dealer.recv_multipart(copy=False)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    dealer.send(b"stop")
+    thread.join(5)
+    dealer.close(0)
+    router.close(0)
+    ctx.term()
+    return statistics.median(times)
+
+
 def measure_bridge(tmp: Path) -> dict:
     proc, listening = start_bridge(tmp)
     try:
@@ -165,6 +203,7 @@ def measure_bridge(tmp: Path) -> dict:
                     frame = client.result(handle)
                     fetch.append(time.perf_counter() - t)
                 out[bits] = {"grab_s": grab_s, "fetch_s": statistics.median(fetch), "bytes": frame.image.nbytes}
+            out["raw_s"] = raw_zeromq_fetch_s(out[16]["bytes"])
             return out
     finally:
         proc.terminate()
@@ -243,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         r["mbs"] = mbs
         print(f"frame {WIDTH}x{HEIGHT} uint{bits} through the bridge: {r['fetch_s'] * 1e3:.1f} ms per fetch, {mbs:.0f} MB/s "
               f"(median of {FETCHES}; whole grab_frame incl. rendering {r['grab_s']:.2f} s)")
+    raw = ours[16]["bytes"] / ours["raw_s"] / 1e6
+    print(f"  (bare pyzmq ROUTER -> DEALER, same bytes, one process: {raw:.0f} MB/s: the loopback transport's own ceiling here)")
     if base:
         h, w = base["shape"]
         base_mbs = base["pixels_bytes"] / base["fetch_s"] / 1e6

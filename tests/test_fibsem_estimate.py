@@ -31,6 +31,11 @@ def test_demo_prints_the_estimate(cli, tmp_path):
     code, output = cli("demo", "--out", tmp_path)
     assert code == 0, output
     assert "667" in output and "125.8 s" in output and "8.39 GB" in output
+    # the bridge stage: a mill sent twice under one key is milled once, and the pictures are written
+    assert "the simulator's mill log has 1 mill" in " ".join(output.split()), output
+    (run,) = tmp_path.glob("run-*")
+    assert (run / "fibsem" / "sem_face.png").stat().st_size > 10_000
+    assert (run / "fibsem" / "ion_trench.png").stat().st_size > 10_000
 
 
 def test_duration_limit_stops_first():

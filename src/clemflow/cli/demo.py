@@ -68,7 +68,13 @@ def demo(
     course = _timecourse_stage(folder / "nanoparticle_uptake_timecourse.yaml", run.path / "timecourse", seed=seed)
     run.journal.append("timecourse", "done", **course)
 
-    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse"])
+    console.print(Rule("6. FIB-SEM through the bridge: the Zeiss look-alike at the relocated target"))
+    from .demo_bridge import bridge_stage
+
+    bridged = bridge_stage(run.path / "fibsem", run.path / "relocation" / "targets.json", seed=seed)
+    run.journal.append("fibsem-bridge", "done", **bridged)
+
+    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse", "fibsem-bridge"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
 
@@ -95,7 +101,7 @@ def _relocation_stage(folder: Path, seed: int) -> dict:
 
     from clemflow.grid.find import find_grid
     from clemflow.grid.plots import plot_grid_finding
-    from clemflow.grid.registration import CameraGeometry, GridPosition, ImageView, register_grid
+    from clemflow.grid.registration import CameraGeometry, ImageView, register_grid
     from clemflow.grid.targets import Target, TargetsFile, write_targets
     from clemflow.simulators.specimen.em_overview import render_sem_overview
     from clemflow.simulators.specimen.overview import Damage, DishPose, render_posed_overview

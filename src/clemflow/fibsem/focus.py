@@ -1,12 +1,16 @@
 """A focus measure for face images, and a watch that says when autofocus is due.
 
-:func:`sharpness` is a normalised Tenengrad: the mean squared gradient of a
-lightly smoothed, binned image divided by the variance of the same image
-with its slow background removed. Both scale with contrast squared and
-neither sees an offset, so the ratio ignores brightness/contrast changes; it
-is the mean squared spatial frequency of the band, which a blur can only
-lower, so it falls monotonically with defocus. Binning and the light
-smoothing keep shot noise from dominating it.
+:func:`sharpness` is a normalised gradient energy that shot noise cannot
+fake. Scan lines carry independent noise, so the frame is split into its
+even and odd lines (two images of nearly the same signal, independent
+noise) and every energy is taken as the cross product of the two: the
+noise averages out of it instead of adding to it. The measure is the
+cross gradient energy (light smoothing) over the cross variance of a
+band-pass (slow background removed): both scale with contrast squared and
+neither sees an offset, so brightness/contrast changes do not move it; it
+is the mean squared spatial frequency of the signal, which defocus (a blur
+of the signal, before the noise) can only lower. A plain Tenengrad instead
+rises again at large defocus, when noise is all that is left.
 
 :class:`FocusWatch` keeps a reference (median of the first values after
 each autofocus) and flags a value below ``(1 - drop_fraction)`` of it.
@@ -25,11 +29,14 @@ from scipy import ndimage
 __all__ = ["FocusWatch", "sharpness"]
 
 
-def _binned(img: NDArray[np.float32], b: int) -> NDArray[np.float32]:
-    if b <= 1:
-        return img
-    h, w = (img.shape[0] // b) * b, (img.shape[1] // b) * b
-    return img[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3), dtype=np.float32)
+def _line_pair(a: NDArray[np.float64], bx: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Even and odd scan lines, each binned by `bx` along the line."""
+    h, w = (a.shape[0] // 2) * 2, (a.shape[1] // bx) * bx
+    if bx > 1:
+        a = a[:h, :w].reshape(h, w // bx, bx).mean(axis=2)
+    else:
+        a = a[:h]
+    return a[0::2], a[1::2]
 
 
 def sharpness(
@@ -37,27 +44,41 @@ def sharpness(
     *,
     bin_px: int | None = None,
     smooth_px: float = 1.0,
-    background_px: float = 16.0,
+    background_px: float = 32.0,
 ) -> float:
-    """Focus measure of a face image (dimensionless, in 1/px² of the binned image); larger is sharper.
+    """Focus measure of a face image (dimensionless: 1/px² of the line-pair grid); larger is sharper.
 
-    `bin_px` defaults to 2 for frames wider than 1024 px, else 1. A flat
-    image (no variance) scores 0. Compare values only between frames of the
-    same pixel size and binning.
+    `bin_px`: binning along the scan line, default ``max(1, width // 1024)``
+    (lines are 2 apart in the grid anyway). `smooth_px` / `background_px`:
+    sigma of the light smoothing and of the removed background, in grid
+    pixels. Returns 0 when no signal is left above the noise (a blank or
+    hopelessly blurred frame). Compare values only between frames of the
+    same size, pixel size and binning. Assumes independent noise from line
+    to line (true of a scanned frame; not of an image blurred afterwards).
     """
     a = np.asarray(image)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {a.shape}")
-    b = (2 if a.shape[1] > 1024 else 1) if bin_px is None else int(bin_px)
-    img = _binned(a.astype(np.float32, copy=False), b)
-    if min(img.shape) < 8:
-        raise ValueError(f"image of {img.shape[1]} x {img.shape[0]} px (binned) is too small for a focus measure")
-    fine = ndimage.gaussian_filter(img, smooth_px, mode="reflect") if smooth_px > 0 else img
-    gy, gx = np.gradient(fine)
-    energy = float(np.mean(gx.astype(np.float64) ** 2 + gy.astype(np.float64) ** 2))
-    band = fine - ndimage.gaussian_filter(img, background_px, mode="reflect") if background_px > 0 else fine
-    var = float(np.var(band, dtype=np.float64))
-    if var <= 0 or not math.isfinite(var):
+    bx = max(1, a.shape[1] // 1024) if bin_px is None else max(1, int(bin_px))
+    even, odd = _line_pair(a.astype(np.float64), bx)
+    if min(even.shape) < 8:
+        raise ValueError(f"image of {a.shape[1]} x {a.shape[0]} px is too small for a focus measure")
+
+    def grad(x: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        return (ndimage.gaussian_filter(x, smooth_px, order=(0, 1), mode="reflect"),
+                ndimage.gaussian_filter(x, smooth_px, order=(1, 0), mode="reflect"))
+
+    def band(x: NDArray[np.float64]) -> NDArray[np.float64]:
+        return ndimage.gaussian_filter(x, smooth_px, mode="reflect") - ndimage.gaussian_filter(
+            x, background_px, mode="reflect")
+
+    (ex, ey), (ox, oy) = grad(even), grad(odd)
+    energy = float(np.mean(ex * ox + ey * oy))
+    be, bo = band(even), band(odd)
+    var = float(np.mean(be * bo))
+    noisy = math.sqrt(float(np.mean(be * be)) * float(np.mean(bo * bo)))
+    # signal variance indistinguishable from zero: nothing to measure
+    if not (var > 0.02 * noisy and energy > 0 and math.isfinite(energy)):
         return 0.0
     return energy / var
 

@@ -24,10 +24,12 @@ import numpy as np
 
 from .errors import (Aborted, AutofunctionFailed, BeamOff, BeamTrip, Busy, FrameTimeout, Interlock, OutOfRange,
                      StageError)
-from .imaging import blank_frame, render_electron, render_ion, wd_true_m
+from .frame_log import append_frame_log, frame_record
+from .imaging import blank_frame, electron_view_now, render_electron, render_ion, wd_true_m
 from .milling import add_pit, append_mill_log, normalise_patterns, plan_mill
 from .state import LIMITS, WD_REF_M, Z_REF_M
 from .timing import AUTOFUNCTION_S, frame_time_s, stage_time_s
+from .view import ElectronView
 
 if TYPE_CHECKING:
     from .instrument import SimulatedFibSem
@@ -130,10 +132,15 @@ class Actions:
                 number = self._state.frame_count
                 snap = self._snapshot()
                 site = self._current_site() if beam == "electron" else None
-                site_snap = None if site is None else type(site)(site.origin_um, site.face_s_um, site.mills, [])
+                site_snap = None if site is None else type(site)(site.origin_um, site.face_s_um, site.mills,
+                                                                 [list(p) for p in site.pits])
                 self._save()
-            img, truth = self._render(beam, snap, site_snap, w, h, dwell, n, bit_depth, number)
+            img, truth, view = self._render(beam, snap, site_snap, w, h, dwell, n, bit_depth, number)
             t1 = time.time()
+            if view is not None:
+                append_frame_log(self.state_dir, frame_record(
+                    view, frame=number, mill=snap.mill_count, time_s=t1, site_origin_um=site_snap.origin_um,
+                    blanked=snap.electron.blanked))
         b = snap.beam(beam)
         meta = {
             "beam": beam, "detector": b.detector, "width_px": w, "height_px": h, "dwell_s": dwell,
@@ -159,17 +166,22 @@ class Actions:
         return copy.deepcopy(self._state)
 
     def _render(self: "SimulatedFibSem", beam: str, snap: Any, site: Any, w: int, h: int, dwell: float, n: int,
-                bit_depth: int, number: int) -> tuple[np.ndarray, dict[str, Any]]:
+                bit_depth: int, number: int) -> tuple[np.ndarray, dict[str, Any], ElectronView | None]:
+        """The frame, the renderer's truth and, for electron frames, the view's geometry."""
         noise_seed = (self.seed * 1_000_003 + number) % (2**63)
+        drift = self.drift_model if self.em_imperfections.drift else None
         if snap.beam(beam).blanked:
-            return blank_frame(w, h, bit_depth, noise_seed), {"blanked": True}
+            view = None if beam != "electron" else electron_view_now(self.world, snap, site, width=w, height=h,
+                                                                       drift_model=drift)
+            return blank_frame(w, h, bit_depth, noise_seed), {"blanked": True}, view
         if beam == "electron":
             return render_electron(self.world, snap, site, width=w, height=h, dwell_s=dwell, line_averaging=n,
-                                   bit_depth=bit_depth, imperfections=self.em_imperfections,
-                                   drift_model=self.drift_model if self.em_imperfections.drift else None,
-                                   noise_seed=noise_seed, stig_true=self.stig_true["electron"])
-        return render_ion(self.world, snap, width=w, height=h, dwell_s=dwell, line_averaging=n, bit_depth=bit_depth,
-                          noise_seed=noise_seed)
+                                   bit_depth=bit_depth, imperfections=self.em_imperfections, drift_model=drift,
+                                   noise_seed=noise_seed, stig_true=self.stig_true["electron"],
+                                   grain_seed=self.seed)
+        img, truth = render_ion(self.world, snap, width=w, height=h, dwell_s=dwell, line_averaging=n,
+                                bit_depth=bit_depth, noise_seed=noise_seed)
+        return img, truth, None
 
     # -- milling -----------------------------------------------------------------------------
 

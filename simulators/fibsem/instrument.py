@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..specimen import SpecimenParams, generate_world
-from ..specimen.em import DriftModel, EMImperfections
+from ..specimen.em import EMImperfections
 from .actions import Actions
+from .drift import SimDrift, drift_config
 from .errors import BeamOff, Interlock, OutOfRange
 from .faults import FaultPanel
 from .milling import read_mill_log
@@ -73,7 +74,9 @@ class SimulatedFibSem(Actions):
     (default ``SpecimenParams(hours_since_treatment=24.0)``, about 2 s, plus about 3 s to prepare the
     first face) and ``world_seed`` at the first image. ``time_scale``: instrument seconds per real second
     (0 or ``inf``: no waiting). ``seed``: noise, drift and the true stigmation. ``em_imperfections``:
-    the electron images' imperfections (default: drift on).
+    the electron images' imperfections (default: drift on). Drift of the electron image per mill counter:
+    ``drift_step_nm`` (random-walk SD), ``drift_jump_probability`` / ``drift_jump_nm`` (``None``: the
+    renderer's 3 nm, 0.01, 150 nm) plus a steady ``drift_nm_per_slice`` (x, y) (see :mod:`.drift`).
     """
 
     def __init__(
@@ -86,6 +89,10 @@ class SimulatedFibSem(Actions):
         time_scale: float = 1.0,
         seed: int = 0,
         em_imperfections: EMImperfections | None = None,
+        drift_step_nm: float | None = None,
+        drift_nm_per_slice: tuple[float, float] = (0.0, 0.0),
+        drift_jump_probability: float | None = None,
+        drift_jump_nm: float | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +105,12 @@ class SimulatedFibSem(Actions):
         self.waiter = Waiter(time_scale)
         self.seed = int(seed)
         self.faults = FaultPanel()
-        self.em_imperfections = em_imperfections if em_imperfections is not None else EMImperfections(drift=True)
-        self.drift_model = DriftModel.from_config(self.seed, self.em_imperfections)
+        imp = em_imperfections if em_imperfections is not None else EMImperfections(drift=True)
+        self.em_imperfections = drift_config(imp, step_nm=drift_step_nm, per_slice_nm=tuple(drift_nm_per_slice),
+                                             jump_probability=drift_jump_probability, jump_nm=drift_jump_nm)
+        cfg = self.em_imperfections
+        self.drift_model = SimDrift(self.seed, cfg.drift_step_nm, cfg.drift_jump_probability, cfg.drift_jump_nm,
+                                    per_slice_nm=tuple(drift_nm_per_slice))
         rng = np.random.default_rng([self.seed, 991])
         self.stig_true = {b: (float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05))) for b in BEAMS}
         self._busy: set[str] = set()

@@ -68,6 +68,10 @@ def serve(
     sim_time_scale: float = typer.Option(1.0, "--sim-time-scale", help="Simulated seconds per real second; 0 = no delays."),
     sim_seed: int = typer.Option(0, "--sim-seed", help="Seed of the simulated specimen."),
     sim_world: str = typer.Option("full", "--sim-world", help="Simulated specimen: full, or small (starts fast)."),
+    sim_drift_step_nm: float = typer.Option(None, "--sim-drift-step-nm", help="Simulated image drift: random-walk SD per mill, nm (default 3)."),
+    sim_drift_nm_per_slice: str = typer.Option("0,0", "--sim-drift-nm-per-slice", help="Simulated steady image drift per mill, X,Y nm."),
+    sim_drift_jump_probability: float = typer.Option(None, "--sim-drift-jump-probability", help="Simulated drift: chance of a jump per mill (default 0.01)."),
+    sim_drift_jump_nm: float = typer.Option(None, "--sim-drift-jump-nm", help="Simulated drift: SD of a jump, nm (default 150)."),
     vendor_host: str = typer.Option(None, "--vendor-host", help="Host of the vendor software (autoscript, openfibsem)."),
     heartbeat: float = typer.Option(1.0, "--heartbeat", help="Seconds between heartbeat events."),
 ) -> None:
@@ -87,10 +91,19 @@ def serve(
         raise typer.BadParameter("must be full or small", param_hint="--sim-world")
     if heartbeat <= 0:
         raise typer.BadParameter("must be positive", param_hint="--heartbeat")
+    drift_per_slice = _xy(sim_drift_nm_per_slice, "--sim-drift-nm-per-slice")
+    for value, hint in ((sim_drift_step_nm, "--sim-drift-step-nm"), (sim_drift_jump_nm, "--sim-drift-jump-nm")):
+        if value is not None and value < 0:
+            raise typer.BadParameter("must not be negative", param_hint=hint)
+    if sim_drift_jump_probability is not None and not 0 <= sim_drift_jump_probability <= 1:
+        raise typer.BadParameter("must be between 0 and 1", param_hint="--sim-drift-jump-probability")
     from .bridge_backends import BackendOptions, UnknownBackend, open_backend
 
     options = BackendOptions(sim_state=sim_state, sim_time_scale=sim_time_scale, sim_seed=sim_seed,
-                             sim_world=sim_world, vendor_host=vendor_host)  # type: ignore[arg-type]
+                             sim_world=sim_world, vendor_host=vendor_host,  # type: ignore[arg-type]
+                             sim_drift_step_nm=sim_drift_step_nm, sim_drift_nm_per_slice=drift_per_slice,
+                             sim_drift_jump_probability=sim_drift_jump_probability,
+                             sim_drift_jump_nm=sim_drift_jump_nm)
     try:
         instrument = open_backend(backend, options)
     except UnknownBackend as exc:
@@ -159,3 +172,12 @@ def _log_to_stderr() -> None:
     root = logging.getLogger("clemflow")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+
+
+def _xy(text: str, hint: str) -> tuple[float, float]:
+    """``"X,Y"`` -> (x, y) floats, or a usage error naming the option."""
+    try:
+        x, y = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected X,Y (two numbers), got {text!r}", param_hint=hint) from None
+    return x, y

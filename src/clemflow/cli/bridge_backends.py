@@ -31,12 +31,18 @@ class BackendOptions:
     ``sim_*`` apply to the simulated backends only: the instrument's state folder
     (kept across restarts, with its mill log), how much faster than real time it
     runs (``0`` = no delays) and which specimen it images (``small`` starts fast).
+    ``sim_drift_*``: the electron image's drift per mill (random-walk SD, a steady
+    (x, y) nm per mill, jumps; ``None`` = the simulator's default).
     """
 
     sim_state: Path = Path("bridge-state/instrument")
     sim_time_scale: float = 1.0
     sim_seed: int = 0
     sim_world: Literal["full", "small"] = "full"
+    sim_drift_step_nm: float | None = None
+    sim_drift_nm_per_slice: tuple[float, float] = (0.0, 0.0)
+    sim_drift_jump_probability: float | None = None
+    sim_drift_jump_nm: float | None = None
     vendor_host: str | None = None
     openfibsem_manufacturer: str = "Demo"
 
@@ -70,9 +76,14 @@ def _instrument(options: BackendOptions) -> Any:
         raise ValueError(f"sim_world must be 'full' or 'small', not {options.sim_world!r}")
     state = Path(options.sim_state)
     state.mkdir(parents=True, exist_ok=True)
+    kw: dict[str, Any] = {"seed": options.sim_seed, "time_scale": options.sim_time_scale,
+                          "drift_step_nm": options.sim_drift_step_nm,
+                          "drift_nm_per_slice": tuple(options.sim_drift_nm_per_slice),
+                          "drift_jump_probability": options.sim_drift_jump_probability,
+                          "drift_jump_nm": options.sim_drift_jump_nm}
     if options.sim_world == "small":
-        return SimulatedFibSem.small(state, seed=options.sim_seed, time_scale=options.sim_time_scale)
-    return SimulatedFibSem(state, seed=options.sim_seed, time_scale=options.sim_time_scale)
+        return SimulatedFibSem.small(state, **kw)
+    return SimulatedFibSem(state, **kw)
 
 
 def _fault_switch(instrument: Any) -> Any:

@@ -1,18 +1,21 @@
 """Frames of the simulated FIB-SEM: the electron beam sees the milled face, the ion beam the block surface.
 
-Electron. ``render_em_slice`` at depth = the current site's face position s,
-face ``FaceGeometry(site origin, 0)``, image centre (u, v):
-``u = (stage xy - site origin) . u_axis + beam shift x`` and
-``v = V_CENTER_UM (3.5 µm below the block surface) - beam shift y`` (+y up the
-image = towards the block surface). Pixel size = field width / width. The
-detector ``EsB`` renders as EsB, ``InLens`` and ``SE2`` as InLens.
+Electron. A sample-fixed view (:mod:`.view`): ``render_em_slice`` at depth =
+the current site's face position s, face ``FaceGeometry(site origin, 0)``,
+centre ``ElectronView.render_center_um`` (u = stage offset along u + beam shift
+x; v = ``V_CENTER_UM`` - beam shift y + ``FACE_RISE_PER_S`` x (face s - S0)),
+rendered only over the rows that can show the face; the rows above the face
+edge show the block surface ahead of it with its milled pits (:mod:`.surface`).
+Pixel size = field width / width. The detector ``EsB`` renders as EsB,
+``InLens`` and ``SE2`` as InLens.
 Defocus: the renderer's Gaussian blur with ``focus_error_um = (WD - WD_true)``
 (about 2.5 nm sigma per µm of error at its 5 mrad beam half-angle), where
 ``WD_true = WD_REF_M + (Z_REF_M - stage z) + 0.8 x (face s - S0_UM)`` (the face
 recedes along the SEM axis by ~0.8 x each slice at 54 degrees); astigmatism
 with ``stigmator_error_um = STIG_UM_PER_UNIT x (stigmation - true stigmation)``.
 Drift, charging, curtaining: the instrument's ``EMImperfections`` (drift on by
-default), drift indexed by the mill counter.
+default), drift indexed by the mill counter (:mod:`.drift`); drift moves the
+face and the surface band together.
 
 Ion. ``render_ion_image`` of the block surface centred on stage xy + ion beam
 shift, pixel size = ion field width / width, incidence ``|tilt - 54|``

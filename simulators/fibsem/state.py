@@ -69,7 +69,7 @@ WD_REF_M = 5.0e-3  # electron working distance in focus at the coincidence point
 Z_REF_M = 25.0e-3  # stage height at which the block surface is at the coincidence point
 S0_UM = -6.0  # where a new site's face starts along the milling axis (µm from the site origin)
 SITE_RADIUS_UM = 50.0  # a stage position within this of a site's origin images/mills that site
-V_CENTER_UM = 3.5  # depth below the block surface (µm) at the centre of an unshifted electron image
+V_CENTER_UM = 3.5  # depth below the block surface (µm) at the centre of an unshifted electron image of the face at S0
 
 
 @dataclass

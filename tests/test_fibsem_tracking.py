@@ -194,9 +194,127 @@ def test_cross_template_geometry():
     side = c.shape[0]
     mid = (side - 1) // 2
     assert c.shape == (side, side) and side % 2 == 1
-    assert c[mid, mid] == -1 and c[mid, mid + 10] == -1 and c[mid + 6, mid + 6] == 0
-    assert c[mid, mid + 12] == 0.5  # the rim just past the arm's end
+    assert c[mid, mid] == -1 and c[mid, mid + 10] == -1  # 21 px: the arm ends on a pixel edge
+    assert c[mid, mid + 11] == 0.5 and c[mid, mid + 12] == 0.5 and c[mid, mid + 13] == 0  # 2 px of rim, then ground
+    assert c[mid + 6, mid + 6] == 0
+    even = cross_template(20, 5, rim_px=2)
+    assert even[mid, mid + 10] == -0.5 + 0.5 * 0.5  # the end pixel: half arm, half rim
     assert (cross_template(21, 5, polarity="bright") == -cross_template(21, 5)).all()
+    # foreshortened in y (the SEM's view of a surface "+"): bars 21 x 3 and 5 x 12.4 px; areas are exact
+    f = cross_template((21, 12.4), (5, 3))
+    assert f.shape == (17, 25)
+    assert -f.sum() == pytest.approx(21 * 3 + 5 * 12.4 - 5 * 3, abs=1e-4)
+    assert -f[:, 12].sum() == pytest.approx(12.4, abs=1e-5) and -f[8].sum() == pytest.approx(21, abs=1e-5)
+
+
+# -- fiducial and focus: simulator frames -----------------------------------------------------
+
+SIM_W, SIM_H, SIM_PX = 512, 384, 20e-9
+ARM_M, BAR_M = 1.5e-6, 0.3e-6  # the engine's "+": two 1.5 x 0.3 µm rectangles
+COS54 = math.cos(math.radians(54.0))  # the surface is foreshortened in y by this in the SEM image
+
+
+@pytest.fixture
+def sim(tmp_path):
+    """The small simulated FIB-SEM at a cell, steady drift (40, -25) nm per mill, a "+" milled 3 µm ahead of
+    the face and 2 µm to the side, the view shifted 3 µm up so the surface above the face edge is in frame."""
+    from clemflow.simulators.fibsem import SimulatedFibSem
+
+    inst = SimulatedFibSem.small(tmp_path, time_scale=0, seed=3, drift_nm_per_slice=(40.0, -25.0))
+    inst.move_stage(*inst.cell_stage_xy_m(0))
+    inst.set_beam("electron", horizontal_field_width_m=SIM_W * SIM_PX, beam_shift_m=[0.0, 3e-6])
+    face_um = inst.state()["site"]["face_s_um"] if inst.state()["site"] else -6.0
+    centre = [-2e-6, (face_um + 3.0) * 1e-6]
+    inst.mill([dict(kind="rectangle", center_m=centre, width_m=ARM_M, height_m=BAR_M, depth_m=0.7e-6),
+               dict(kind="rectangle", center_m=centre, width_m=BAR_M, height_m=ARM_M, depth_m=0.7e-6)])
+    return inst
+
+
+def _grab(inst) -> tuple[np.ndarray, dict]:
+    from clemflow.simulators.fibsem.frame_log import read_frame_log
+
+    img, _ = inst.grab("electron", SIM_W, SIM_H, 1e-6, 1)
+    return img, read_frame_log(inst.state_dir)[-1]
+
+
+def _sim_cross_px() -> tuple[tuple[float, float], tuple[float, float]]:
+    arm, bar = ARM_M / SIM_PX, BAR_M / SIM_PX
+    return (arm, arm * COS54), (bar, bar * COS54)
+
+
+def _dark_centroid(img: np.ndarray, rows: int) -> tuple[float, float]:
+    """Centre of the largest dark blob above `rows` (the pit), independently of any template."""
+    smooth = ndimage.gaussian_filter(img[:rows].astype(np.float64), 2.0)
+    med = float(np.median(smooth))
+    spread = float(np.median(np.abs(smooth - med))) * 1.4826
+    labels, n = ndimage.label(smooth < med - 5 * spread)
+    sizes = ndimage.sum(np.ones_like(smooth), labels, range(1, n + 1))
+    cy, cx = ndimage.center_of_mass(np.ones_like(smooth), labels, int(np.argmax(sizes)) + 1)
+    return float(cx), float(cy)
+
+
+def test_sim_fresh_fiducial_found_without_template(sim):
+    img, truth = _grab(sim)
+    edge = int(truth["face_edge_row"])
+    arm, bar = _sim_cross_px()
+    found = find_fiducial_candidates(img, arm, bar, rim_px=1.5, region_px=(0, 0, SIM_W, edge))
+    assert found[0].score > 0.6 and all(c.score < 0.5 for c in found[1:])
+    assert found[0].position_px == pytest.approx(_dark_centroid(img, edge), abs=1.0)
+
+
+def test_sim_tracking_matches_the_simulator_truth_through_drift_beam_shift_and_brightness(sim):
+    img, truth0 = _grab(sim)
+    arm, bar = _sim_cross_px()
+    best = find_fiducial_candidates(img, arm, bar, rim_px=1.5, region_px=(0, 0, SIM_W, int(truth0["face_edge_row"])))[0]
+    template = capture_template(img, best.position_px, (112, 90), pixel_size_m=SIM_PX)
+    ref = np.array(truth0["sample_offset_px"])
+    # beam shift +x moves the view right (content left): move the mark towards the frame centre
+    dx_m = 1.6e-6 if best.position_px[0] > SIM_W / 2 else -1.6e-6
+    face = sim.state()["site"]["face_s_um"]
+    for i in range(1, 9):
+        t = 0.015
+        sim.mill([dict(kind="rectangle", center_m=[0.0, (face + t / 2) * 1e-6], width_m=6e-6, height_m=t * 1e-6,
+                       depth_m=3e-6)])
+        face += t
+        if i == 4:  # an 80 px jump in x and y at once, and charging-like brightness/contrast change
+            sim.set_beam("electron", beam_shift_m=[dx_m, 4.6e-6], brightness=0.6, contrast=0.58)
+        frame, truth = _grab(sim)
+        want = np.array(truth["sample_offset_px"]) - ref
+        m = locate_fiducial(template, frame, search_radius_px=100, pixel_size_m=SIM_PX)
+        assert np.abs(np.array(m.offset_px) - want).max() < 0.3, (i, m, want)
+        assert m.similarity > 0.8 and m.peak_ratio > 2 and m.ok(0.75)
+    assert abs(want[0]) > 80 and abs(want[1]) > 80  # it really went that far
+    # a blanked beam, and a view without the mark: nothing to trust
+    sim.set_beam("electron", blanked=True)
+    frame, _ = _grab(sim)
+    assert locate_fiducial(template, frame, search_radius_px=100).similarity < 0.5
+    sim.set_beam("electron", blanked=False, beam_shift_m=[-3 * dx_m, 3e-6])
+    frame, _ = _grab(sim)
+    assert locate_fiducial(template, frame, search_radius_px=100).similarity < 0.5
+
+
+def test_sim_sharpness_falls_with_defocus_and_focuswatch_asks_for_autofocus(tmp_path):
+    from clemflow.simulators.fibsem import SimulatedFibSem
+
+    inst = SimulatedFibSem.small(tmp_path, time_scale=0, seed=5)
+    inst.move_stage(*inst.cell_stage_xy_m(0))
+    inst.set_beam("electron", horizontal_field_width_m=SIM_W * SIM_PX)
+    wd = inst.state()["beams"]["electron"]["working_distance_m"]
+
+    def measure(dwd_um: float, **beam: float) -> float:
+        inst.set_beam("electron", working_distance_m=wd + dwd_um * 1e-6, **beam)
+        return sharpness(inst.grab("electron", SIM_W, SIM_H, 1e-6, 1)[0])
+
+    # about 2.5 nm of blur sigma per µm of WD error: 8 µm = 1 px at 20 nm
+    values = [measure(d) for d in (0.0, 8.0, 16.0, 24.0, 32.0)]
+    assert all(a > b for a, b in zip(values, values[1:])), values
+    assert measure(0.0, brightness=0.58, contrast=0.45) == pytest.approx(values[0], rel=0.05)
+    assert measure(0.0, brightness=0.45, contrast=0.58) == pytest.approx(values[0], rel=0.05)
+    inst.set_beam("electron", brightness=0.5, contrast=0.5)
+    watch = FocusWatch(drop_fraction=0.15, window=5)
+    assert not any(watch.needs_autofocus(measure(0.0)) for _ in range(6))
+    assert not watch.needs_autofocus(measure(3.0))  # within the depth of field
+    assert watch.needs_autofocus(measure(20.0))
 
 
 # -- focus --------------------------------------------------------------------------------------

@@ -332,37 +332,61 @@ def locate_fiducial(
 # -- first capture without a template ------------------------------------------------------
 
 
-def cross_template(arm_length_px: float, arm_width_px: float, *, polarity: Literal["dark", "bright"] = "dark",
+Size = float | tuple[float, float]
+
+
+def _pair(v: Size) -> tuple[float, float]:
+    if isinstance(v, tuple | list):
+        return float(v[0]), float(v[1])
+    return float(v), float(v)
+
+
+def cross_template(arm_length_px: Size, arm_width_px: Size, *, polarity: Literal["dark", "bright"] = "dark",
                    rim_px: float = 0.0) -> NDArray[np.float32]:
-    """A synthetic "+" of two bars (length x width px) on a flat ground, -1 inside for a dark mark.
+    """A synthetic "+" of two bars on a flat ground, -1 inside for a dark mark.
 
-    `rim_px` > 0 adds a bright rim of that width around the bars (a milled
-    pit's redeposition edge). The array is square, side = length + 4 rims + 4.
+    Sizes are px, a number or (x, y) for a foreshortened cross:
+    ``arm_length_px = (length of the horizontal bar, length of the vertical
+    bar)``, ``arm_width_px = (width of the vertical bar, width of the
+    horizontal bar)``. A "+" milled on the block surface and seen by the SEM
+    at 54 degrees is shortened in y by cos(54) = 0.588. Pixels on an edge
+    take the covered fraction, so sizes need not be whole pixels. `rim_px` >
+    0 adds a bright rim (+0.5) of that width around the bars (a pit's edge).
+    The array has odd sides with the centre on its middle pixel.
     """
-    if arm_length_px < 3 or arm_width_px < 1:
+    lx, ly = _pair(arm_length_px)
+    wx, wy = _pair(arm_width_px)
+    if min(lx, ly) < 3 or min(wx, wy) < 1:
         raise ValueError("a cross needs arms at least 3 px long and 1 px wide")
-    side = int(math.ceil(arm_length_px + 4 * rim_px + 4)) | 1
-    c = (side - 1) / 2
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
-    dx, dy = np.abs(xx - c), np.abs(yy - c)
-    half_l, half_w = arm_length_px / 2, arm_width_px / 2
+    sw = int(math.ceil(lx + 4 * rim_px + 4)) | 1
+    sh = int(math.ceil(ly + 4 * rim_px + 4)) | 1
+    dx = np.abs(np.arange(sw, dtype=np.float32) - (sw - 1) / 2)[None, :]
+    dy = np.abs(np.arange(sh, dtype=np.float32) - (sh - 1) / 2)[:, None]
 
-    def bars(grow: float) -> NDArray[np.bool_]:
-        return ((dx <= half_l + grow) & (dy <= half_w + grow)) | ((dy <= half_l + grow) & (dx <= half_w + grow))
+    def cover(d: NDArray[np.float32], half: float) -> NDArray[np.float32]:
+        # fraction of each pixel (centre d, width 1) inside [-half, half]: sub-pixel sizes count
+        return np.clip(np.minimum(d + 0.5, half) - np.maximum(d - 0.5, -half), 0.0, 1.0)
 
-    out = np.zeros((side, side), np.float32)
+    def bars(grow: float) -> NDArray[np.float32]:
+        horizontal = cover(dx, lx / 2 + grow) * cover(dy, wy / 2 + grow)
+        vertical = cover(dx, wx / 2 + grow) * cover(dy, ly / 2 + grow)
+        return np.maximum(horizontal, vertical)
+
+    inside = bars(0.0)
+    out = -inside
     if rim_px > 0:
-        out[bars(rim_px)] = 0.5
-    out[bars(0.0)] = -1.0
+        out += 0.5 * (bars(rim_px) - inside)
+    out = out.astype(np.float32)
     return out if polarity == "dark" else -out
 
 
 def find_fiducial_candidates(
     frame: ArrayLike,
-    arm_length_px: float,
-    arm_width_px: float,
+    arm_length_px: Size,
+    arm_width_px: Size,
     *,
     polarity: Literal["dark", "bright", "any"] = "dark",
+    rim_px: float = 0.0,
     region_px: tuple[int, int, int, int] | None = None,
     max_candidates: int = 3,
     min_score: float = 0.3,
@@ -372,19 +396,22 @@ def find_fiducial_candidates(
     """Find "+" marks of the given arm length and width (px) without a template, best first.
 
     A matched filter: NCC of the band-passed frame with a band-passed
-    synthetic cross (:func:`cross_template`), peaks at least an arm length
-    apart, scores at least `min_score`. `region_px` = (x0, y0, x1, y1)
+    synthetic cross (:func:`cross_template`: sizes as there, (x, y) for a
+    foreshortened one), peaks at least half an arm length apart, scores at
+    least `min_score`. `region_px` = (x0, y0, x1, y1)
     limits the search (e.g. the rows above the face edge). Use it right
     after milling the fiducial, then :func:`capture_template` at the best
-    candidate for tracking. `background_px` defaults to the arm length / 2
+    candidate for tracking. `background_px` defaults to the shorter arm / 2
     (wide enough to keep the bars, narrow enough to drop charging gradients).
     """
     img = _as_float(frame)
     H, W = img.shape
     x0, y0, x1, y1 = region_px if region_px is not None else (0, 0, W, H)
     x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(W, int(x1)), min(H, int(y1))
-    bg = arm_length_px / 2 if background_px is None else background_px
-    cross = cross_template(arm_length_px, arm_width_px, polarity="bright" if polarity == "bright" else "dark")
+    lx, ly = _pair(arm_length_px)
+    bg = min(lx, ly) / 2 if background_px is None else background_px
+    cross = cross_template((lx, ly), arm_width_px, polarity="bright" if polarity == "bright" else "dark",
+                           rim_px=rim_px)
     pad = _margin(bg, smooth_px)
     kernel = _bandpass(np.pad(cross, pad), smooth_px, bg)[pad:-pad, pad:-pad]
     th, tw = kernel.shape
@@ -393,7 +420,7 @@ def find_fiducial_candidates(
     window = _bandpassed_crop(img, x0, y0, x1, y1, smooth_px, bg)
     ncc = normalized_cross_correlation(window, kernel)
     score = np.abs(ncc) if polarity == "any" else ncc
-    size = max(3, int(arm_length_px) | 1)
+    size = max(3, int(min(lx, ly) / 2) | 1)
     peaks = (ndimage.maximum_filter(score, size=size, mode="constant", cval=-np.inf) == score) & (score >= min_score)
     rows, cols = np.nonzero(peaks)
     order = np.argsort(score[rows, cols])[::-1][: max(0, max_candidates)]

@@ -267,6 +267,8 @@ def test_one_long_operation_at_a_time(tmp_path: Path, ctx: zmq.Context) -> None:
     ("move_stage", {"x_m": 0.2}, "args.x_m"),
     ("move_stage", {"x_m": 0.0, "t_deg": 95.0}, "args.t_deg"),
     ("set_beam", {"beam": "ion", "current_a": 2e-7}, "args.current_a"),
+    ("set_beam", {"beam": "ion", "current_a": 5e-10}, "args.current_a"),  # in range, but no such probe
+    ("mill", {**MILL, "current_a": 6e-10}, "args.current_a"),  # ditto: refused before, so the key stays free
     ("set_beam", {"beam": "electron", "voltage_v": 5e4}, "args.voltage_v"),
     ("grab_frame", {"beam": "electron", "width_px": 10**6, "height_px": 768, "dwell_s": 1e-6}, "args.width_px"),
     ("grab_frame", {"beam": "electron", "width_px": 1024, "height_px": 768, "dwell_s": 1.0}, "args.dwell_s"),
@@ -328,6 +330,19 @@ def test_frames_multipart_and_kept_last_four(served, ctx: zmq.Context) -> None:
     frames = client.sock.recv_multipart()
     assert frames[0] == b"" and len(frames) == 3 and json.loads(frames[1])["id"] == "req-style"
     assert np.array_equal(wire.decode_image(header, [frames[2]]), image)
+
+
+def test_null_argument_replays_like_an_absent_one(served, ctx: zmq.Context, tmp_path: Path) -> None:
+    server, _ = served
+    client = Client(ctx, server.commands_endpoint)
+    first = client.call("mill", {**MILL, "voltage_v": None}, key="null-1")
+    assert first["ok"], first
+    client.wait(first["result"]["operation"])
+    again = client.call("mill", MILL, key="null-1")
+    assert again["ok"] and again["replayed"] is True, again
+    assert len(read_mill_log(tmp_path / "instrument")) == 1
+    hello = client.call("hello")["result"]
+    assert 7e-10 in hello["limits"]["ion"]["currents_a"]
 
 
 def test_set_commands_replayed_and_conflicting(served, ctx: zmq.Context) -> None:

@@ -236,6 +236,7 @@ class AutoScriptBackend:
             stigmation=self._range(b.stigmator, "", (-1.0, 1.0)),
             beam_shift_m=self._range(b.beam_shift, "m", (-20e-6, 20e-6)),
             detectors=detectors,
+            currents_a=tuple(sorted(offered)),
         )
 
     def _stage_limits(self) -> dict[str, Range]:

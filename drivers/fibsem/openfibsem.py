@@ -210,6 +210,7 @@ class OpenFIBSEMBackend:
             stigmation=_STIGMATION,
             beam_shift_m=_BEAM_SHIFT_M,
             detectors=tuple(str(d) for d in self._values("detector_type", beam)),
+            currents_a=tuple(sorted(amps)) if self._values("current", beam) else (),
         )
 
     def _beam(self, beam: BeamName, context: Context = "query") -> dict[str, Any]:

@@ -227,6 +227,7 @@ class SmartSEMBackend:
             stigmation=Range(-1.0, 1.0),
             beam_shift_m=Range(-50e-6, 50e-6, "m"),
             detectors=DETECTORS["ion"],
+            currents_a=tuple(sorted(amps)),
         )
         return Description(
             vendor="Carl Zeiss",

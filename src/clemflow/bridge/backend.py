@@ -79,6 +79,8 @@ class BeamLimits:
     stigmation: Range  # each of x, y (arbitrary vendor units, normalised to -1..1 is typical)
     beam_shift_m: Range  # each of x, y
     detectors: tuple[str, ...]
+    # The currents the column can give (apertures / probes), when it gives only some; empty = any in ``current_a``.
+    currents_a: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def describe_json(description: Description) -> dict[str, Any]:
                 "working_distance_m": bl.working_distance_m.as_json(),
                 "horizontal_field_width_m": bl.horizontal_field_width_m.as_json(),
                 "stigmation": bl.stigmation.as_json(), "beam_shift_m": bl.beam_shift_m.as_json(),
-                "detectors": list(bl.detectors)}
+                "detectors": list(bl.detectors), "currents_a": list(bl.currents_a)}
 
     return {"electron": beam(lim.electron), "ion": beam(lim.ion),
             "stage": {name: rng.as_json() for name, rng in lim.stage.items()},

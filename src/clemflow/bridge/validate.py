@@ -176,6 +176,20 @@ def check_range(value: float | None, allowed: Range, field: str, what: str) -> N
     )
 
 
+CURRENT_MATCH = 1e-3  # relative: a requested current matches an offered one within 0.1 %
+
+
+def check_current(value: float | None, bl: BeamLimits, field: str, what: str) -> None:
+    """Refuse a current the column does not offer (probe table / apertures) before the instrument sees it."""
+    if value is None or not bl.currents_a:
+        return
+    if any(abs(value - c) <= CURRENT_MATCH * c for c in bl.currents_a):
+        return
+    offered = ", ".join(f"{c:g}" for c in bl.currents_a)
+    raise BridgeError("out_of_range", f"{what} {value:g} A is not one the column offers ({offered} A); nothing was sent to the instrument",
+                      details={"field": field, "value": value, "allowed": list(bl.currents_a)})
+
+
 def _check_choice(value: str | None, allowed: tuple[str, ...], field: str, what: str) -> None:
     if value is not None and value not in allowed:
         raise BridgeError("out_of_range", f"{what} {value!r} is not on this instrument (has: {', '.join(allowed)})",
@@ -204,6 +218,7 @@ def parse_set_beam(data: Any, limits: InstrumentLimits) -> tuple[str, BeamChange
     args.done()
     check_range(changes.voltage_v, bl.voltage_v, args.field("voltage_v"), f"{beam} voltage")
     check_range(changes.current_a, bl.current_a, args.field("current_a"), f"{beam} current")
+    check_current(changes.current_a, bl, args.field("current_a"), f"{beam} current")
     check_range(changes.working_distance_m, bl.working_distance_m, args.field("working_distance_m"), f"{beam} working distance")
     check_range(changes.horizontal_field_width_m, bl.horizontal_field_width_m, args.field("horizontal_field_width_m"), f"{beam} field width")
     for name, pair, allowed in (("stigmation", changes.stigmation, bl.stigmation), ("beam_shift_m", changes.beam_shift_m, bl.beam_shift_m)):
@@ -265,6 +280,7 @@ def parse_mill(data: Any, limits: InstrumentLimits) -> MillRequest:
         raise BridgeError("out_of_range", f"{len(patterns)} patterns; the instrument takes at most {limits.max_patterns} per mill",
                           details={"field": args.field("patterns"), "value": len(patterns), "allowed": [1, limits.max_patterns]})
     check_range(current, limits.ion.current_a, args.field("current_a"), "ion milling current")
+    check_current(current, limits.ion, args.field("current_a"), "ion milling current")
     check_range(voltage, limits.ion.voltage_v, args.field("voltage_v"), "ion voltage")
     half_field = limits.ion.horizontal_field_width_m.high / 2
     out = []

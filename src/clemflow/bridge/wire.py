@@ -61,8 +61,17 @@ def dumps(obj: Any) -> bytes:
 
 
 def canonical(obj: Any) -> str:
-    """The form in which idempotency compares arguments: sorted keys, no whitespace."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    """The form in which idempotency compares arguments: sorted keys, no whitespace, ``null`` members dropped
+    (an argument given as ``null`` means the same as one left out)."""
+    return json.dumps(_without_nulls(obj), sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+
+
+def _without_nulls(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_without_nulls(v) for v in obj]
+    return obj
 
 
 def jsonable(value: Any) -> Any:

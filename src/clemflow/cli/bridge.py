@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import signal
@@ -105,7 +107,10 @@ def serve(
                              sim_drift_jump_probability=sim_drift_jump_probability,
                              sim_drift_jump_nm=sim_drift_jump_nm)
     try:
-        instrument = open_backend(backend, options)
+        # stdout carries exactly one JSON line for whoever started the server; vendor packages
+        # that print while connecting (fibsem does) are sent to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            instrument = open_backend(backend, options)
     except UnknownBackend as exc:
         typer.echo(f"✗ {exc}", err=True)
         raise typer.Exit(EXIT_INVALID) from None

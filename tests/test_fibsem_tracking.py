@@ -445,3 +445,22 @@ def test_sparkline_scales_to_the_largest_value_with_a_floor():
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([0.1, 0.2]) == "▂▂"  # below the 1 px floor: small blocks, not a full scale of noise
     assert sparkline([0.0, 4.0, 8.0]) == "▁▅█"
+
+
+def test_dashboard_shows_odd_values_instead_of_failing():
+    console = Console(record=True, width=120, file=io.StringIO())
+    dash = SliceDashboard(console, refresh_per_second=30)
+    assert dash.refresh_per_second == 4.0  # never faster than 4 Hz
+    empty = Console(record=True, width=120, file=io.StringIO())
+    empty.print(dash.render())
+    assert "waiting for the first slice" in empty.export_text()
+    odd = SliceStatus(3, None, depth_nm=45.0, focus={"sharpness": 0.12}, drift_px="lost", wd_mm=None)  # type: ignore[arg-type]
+    with dash:
+        dash.update(odd)
+        dash.update(SliceStatus(4, state="paused"))
+    text = console.export_text()
+    assert "slice 3 | running | depth 45 nm" in text and "drift lost px" in text and "{'sharpness': 0.12}" in text
+    assert "slice 4 | paused" in text
+    out = Console(record=True, width=120, file=io.StringIO())
+    out.print(dash.render())
+    assert "PAUSED" in out.export_text() and dash.drift_history == []

@@ -94,8 +94,22 @@ def _clock(ts: float | None, now: float | None) -> str:
     return text
 
 
-def _num(v: float | None, fmt: str, unit: str = "") -> str:
-    return "—" if v is None else f"{v:{fmt}}{unit}"
+def _num(v: object, fmt: str, unit: str = "") -> str:
+    """A number for display; anything else as its text (a display must never stop the run)."""
+    if v is None:
+        return "—"
+    try:
+        return f"{v:{fmt}}{unit}"
+    except (TypeError, ValueError):
+        return f"{v}{unit}"
+
+
+def _pair(v: object, fmt: str, unit: str) -> str:
+    try:
+        x, y = v  # type: ignore[misc]
+        return f"({x:{fmt}}, {y:{fmt}}){unit}"
+    except (TypeError, ValueError):
+        return "—" if v is None else f"{v}{unit}"
 
 
 @dataclass
@@ -162,8 +176,11 @@ class SliceDashboard:
             prev = self._view.status
             if status.drift_px is not None and (prev is None or prev.slice_index != status.slice_index
                                                 or prev.drift_px is None):
-                dx, dy = status.drift_px
-                self._view.drift.append((dx * dx + dy * dy) ** 0.5)
+                try:
+                    dx, dy = status.drift_px
+                    self._view.drift.append(float((dx * dx + dy * dy) ** 0.5))
+                except (TypeError, ValueError):
+                    pass  # not a pair of numbers: shown as given, left out of the sparkline
             self._view.status = status
         if self._live is None:
             self._log_line(status)
@@ -196,14 +213,20 @@ class SliceDashboard:
         return t
 
     def summary_line(self, s: SliceStatus) -> str:
-        """One plain line for logs."""
+        """One plain line for logs (never raises: a display must not stop the run)."""
+        try:
+            return self._summary(s)
+        except Exception as exc:  # noqa: BLE001 - shown instead of the line
+            return f"slice {getattr(s, 'slice_index', '?')} (status not shown: {exc!r})"
+
+    def _summary(self, s: SliceStatus) -> str:
         total = f"/{s.total_slices}" if s.total_slices else ""
-        parts = [f"slice {s.slice_index}{total}", f"{s.state}", f"depth {s.depth_nm:.0f} nm",
+        parts = [f"slice {s.slice_index}{total}", f"{s.state}", f"depth {_num(s.depth_nm, '.0f')} nm",
                  f"rate {_num(s.rate_per_h, '.1f')} slices/h"]
         if s.end_estimate_s is not None:
             parts.append(f"end {_clock(s.end_estimate_s, None)}")
         if s.drift_px is not None:
-            parts.append(f"drift ({s.drift_px[0]:+.2f}, {s.drift_px[1]:+.2f}) px sim {_num(s.similarity, '.2f')}")
+            parts.append(f"drift {_pair(s.drift_px, '+.2f', ' px')} sim {_num(s.similarity, '.2f')}")
         if s.focus is not None or s.wd_mm is not None:
             parts.append(f"focus {_num(s.focus, '.3g')} WD {_num(s.wd_mm, '.4f', ' mm')}")
         return " | ".join(parts)
@@ -219,7 +242,13 @@ class SliceDashboard:
         self.console.print(escape(self.summary_line(s)), soft_wrap=True, highlight=False)
 
     def render(self) -> RenderableType:
-        """The panel for the current status (what Live draws)."""
+        """The panel for the current status (what Live draws); never raises."""
+        try:
+            return self._panel()
+        except Exception as exc:  # noqa: BLE001 - shown instead of the panel
+            return Panel(Text(f"status not shown: {exc!r}", style="red"), title="slice-and-view")
+
+    def _panel(self) -> RenderableType:
         with self._lock:
             s = self._view.status
             drift = list(self._view.drift)
@@ -232,12 +261,12 @@ class SliceDashboard:
         grid.add_column()
         pct = f" ({100 * s.slice_index / s.total_slices:.1f} %)" if s.total_slices else ""
         total = f" / {s.total_slices}" if s.total_slices else ""
-        grid.add_row("slice", f"{s.slice_index}{total}{pct}   depth {s.depth_nm:,.0f} nm")
+        grid.add_row("slice", f"{s.slice_index}{total}{pct}   depth {_num(s.depth_nm, ',.0f')} nm")
         grid.add_row("rate", f"{_num(s.rate_per_h, '.1f')} slices/h   end {_clock(s.end_estimate_s, now)}")
         grid.add_row("last slice", f"mill {_num(s.mill_s, '.1f', ' s')} · image {_num(s.image_s, '.1f', ' s')} · "
                                    f"overhead {_num(s.overhead_s, '.2f', ' s')}")
-        d = "—" if s.drift_px is None else f"({s.drift_px[0]:+.2f}, {s.drift_px[1]:+.2f}) px"
-        shift = "—" if s.beam_shift_um is None else f"({s.beam_shift_um[0]:+.3f}, {s.beam_shift_um[1]:+.3f}) µm"
+        d = _pair(s.drift_px, "+.2f", " px")
+        shift = _pair(s.beam_shift_um, "+.3f", " µm")
         grid.add_row("drift", f"{d}   similarity {_num(s.similarity, '.2f')}   beam shift {shift}")
         if drift:
             grid.add_row("", Text(sparkline(drift), style="cyan") + Text(f"  max {max(drift):.2f} px", style="dim"))

@@ -113,11 +113,12 @@ class FiducialCandidate:
 # -- band-pass and NCC ----------------------------------------------------------------------
 
 
-def _as_float(frame: ArrayLike) -> NDArray[np.float32]:
+def _as_2d(frame: ArrayLike) -> NDArray[np.generic]:
+    """The frame as an array, unconverted: only the searched region is turned into float32."""
     a = np.asarray(frame)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D frame, got shape {a.shape}")
-    return a.astype(np.float32, copy=False)
+    return a
 
 
 def _blur(region: NDArray[np.float32], sigma: float) -> NDArray[np.float32]:
@@ -143,13 +144,13 @@ def _margin(background_px: float, smooth_px: float) -> int:
 
 
 def _bandpassed_crop(
-    frame: NDArray[np.float32], x0: int, y0: int, x1: int, y1: int, smooth_px: float, background_px: float
+    frame: NDArray[np.generic], x0: int, y0: int, x1: int, y1: int, smooth_px: float, background_px: float
 ) -> NDArray[np.float32]:
     """Band-pass the frame around [y0:y1, x0:x1] (with a margin where the frame allows) and crop it."""
     m = _margin(background_px, smooth_px)
     h, w = frame.shape
     ax0, ay0, ax1, ay1 = max(0, x0 - m), max(0, y0 - m), min(w, x1 + m), min(h, y1 + m)
-    filtered = _bandpass(frame[ay0:ay1, ax0:ax1], smooth_px, background_px)
+    filtered = _bandpass(frame[ay0:ay1, ax0:ax1].astype(np.float32), smooth_px, background_px)
     return filtered[y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
 
 
@@ -223,8 +224,8 @@ def _size_wh(size_px: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _noise_sigma(region: NDArray[np.float32]) -> float:
-    """Robust pixel-noise estimate from differences of neighbouring pixels (MAD)."""
-    d = np.diff(region, axis=1).ravel()
+    """Robust pixel-noise estimate from differences of neighbouring lines (MAD)."""
+    d = np.diff(region, axis=0).ravel()  # across scan lines: independent noise
     mad = float(np.median(np.abs(d - np.median(d))))
     return mad / (0.6745 * math.sqrt(2.0))
 
@@ -245,7 +246,7 @@ def capture_template(
     below `min_contrast` x the band-passed pixel noise (a blank area, a
     blanked beam), and ``ValueError`` a patch not wholly inside the frame.
     """
-    img = _as_float(frame)
+    img = _as_2d(frame)
     w, h = _size_wh(size_px)
     if w < 8 or h < 8:
         raise ValueError(f"template of {w} x {h} px is too small (at least 8 x 8)")
@@ -258,7 +259,7 @@ def capture_template(
         )
     patch = _bandpassed_crop(img, x0, y0, x0 + w, y0 + h, smooth_px, background_px)
     patch = patch - patch.mean()
-    noise = _noise_sigma(img[y0 : y0 + h, x0 : x0 + w])
+    noise = _noise_sigma(img[y0 : y0 + h, x0 : x0 + w].astype(np.float32))
     # the light Gaussian divides white noise's sigma by about 2 sqrt(pi) sigma
     noise_bp = noise / max(1.0, 2 * math.sqrt(math.pi) * smooth_px)
     std = float(patch.std())
@@ -293,7 +294,7 @@ def locate_fiducial(
     ``ValueError`` when `pixel_size_m` is given and differs from the
     template's by more than 1 %.
     """
-    img = _as_float(frame)
+    img = _as_2d(frame)
     if pixel_size_m is not None and template.pixel_size_m is not None:
         if abs(pixel_size_m / template.pixel_size_m - 1) > 0.01:
             raise ValueError(
@@ -404,7 +405,7 @@ def find_fiducial_candidates(
     candidate for tracking. `background_px` defaults to the shorter arm / 2
     (wide enough to keep the bars, narrow enough to drop charging gradients).
     """
-    img = _as_float(frame)
+    img = _as_2d(frame)
     H, W = img.shape
     x0, y0, x1, y1 = region_px if region_px is not None else (0, 0, W, H)
     x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(W, int(x1)), min(H, int(y1))

@@ -185,6 +185,26 @@ def test_beam_shift_moves_the_view_with_the_documented_sign(tmp_path, world):
     assert e1["beam_shift_m"] == pytest.approx([0.3e-6, (base - 0.2) * 1e-6])
 
 
+def test_scan_rotation_turns_the_view_and_the_log_follows(tmp_path, world):
+    w, h, p = 384, 288, 0.010
+    inst = instrument(tmp_path / "sim", world)
+    base = edge_shift_for(200, h, p)
+    view(inst, w, h, p, (0.0, base))
+    inst.mill(plus(S0_UM + 2.0), current_a=50e-12)
+    inst.set_beam("electron", scan_rotation_deg=20.0)
+    ref, _ = grab(inst, w, h)
+    r = int(round((h - 1) / 2 + (-FACE_RISE_PER_S * 2.0 - V_CENTER_UM + base) / p))  # turned about the centre
+    template = ref[r - 50:r + 50, w // 2 - 80:w // 2 + 80]
+    start = locate(ref, template)
+    view(inst, w, h, p, (0.2, base - 0.15))
+    img, _ = grab(inst, w, h)
+    e0, e1 = read_frame_log(inst.state_dir)[-2:]
+    logged = np.subtract(e1["sample_offset_px"], e0["sample_offset_px"])
+    a = np.radians(20.0)  # (-20, -15) px on the face, turned into the frame
+    assert logged == pytest.approx([-20 * np.cos(a) - 15 * np.sin(a), 20 * np.sin(a) - 15 * np.cos(a)])
+    assert np.all(np.abs(locate(img, template) - start - logged) < 0.5)
+
+
 def test_fiducial_is_clear_in_small_and_large_frames_and_goes_when_milled_through(tmp_path, world):
     inst = instrument(tmp_path / "sim", world)
     inst.mill(plus(S0_UM + 2.0, x_um=1.0), current_a=50e-12)

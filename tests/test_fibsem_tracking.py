@@ -54,6 +54,7 @@ def scene(
     gain: float = 1.0,
     offset: float = 0.0,
     blur_px: float = 0.0,
+    ramp: float = 0.0,
     shape: tuple[int, int] = (W, H),
     center: tuple[float, float] = MARK,
     arm_px: float = 150.0,
@@ -78,6 +79,7 @@ def scene(
     img = np.where(yy > FACE_ROW, face, img)
     if blur_px > 0:
         img = ndimage.gaussian_filter(img, blur_px, mode="reflect")
+    img = img + ramp * (xx / w + yy / h)  # charging: a slow brightness gradient
     counts = np.random.default_rng(noise_seed).poisson(np.clip(img, 0, None) * photons) / photons
     return (counts * gain + offset).astype(np.float32)
 
@@ -95,8 +97,8 @@ def template() -> FiducialTemplate:
     [(0.0, 0.0), (0.3, -0.7), (12.5, 3.25), (-40.2, 25.6), (80.0, -80.0), (-79.6, 79.4), (61.33, -17.8)],
 )
 def test_locate_recovers_shift_under_noise_brightness_change_and_new_face(template, shift):
-    # 30 % brighter, offset, other noise, and other face content below the edge
-    frame = scene(shift, face_seed=7, noise_seed=3, gain=1.3, offset=0.05)
+    # 30 % brighter, offset, a charging gradient, other noise, and other face content below the edge
+    frame = scene(shift, face_seed=7, noise_seed=3, gain=1.3, offset=0.05, ramp=0.3)
     m = locate_fiducial(template, frame, MARK, search_radius_px=100)
     assert abs(m.offset_px[0] - shift[0]) < 0.3 and abs(m.offset_px[1] - shift[1]) < 0.3, (m, shift)
     assert m.position_px == pytest.approx((template.center_px[0] + m.offset_px[0],

@@ -51,7 +51,7 @@ class LowContrastError(ValueError):
     """The patch has too little structure above the noise to be tracked reliably."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compared by identity
 class FiducialTemplate:
     """A band-passed, mean-removed, unit-norm patch and where it was captured.
 
@@ -288,8 +288,8 @@ def locate_fiducial(
 ) -> FiducialMatch:
     """Find `template` in `frame` within `search_radius_px` of `expected_px` (default: where it was captured).
 
-    Searches a square window of +- radius around the expected centre,
-    clipped to the frame. If less than the template fits, returns a match
+    Searches placements within +- radius in x and in y of the expected
+    centre (a square), clipped to the frame. If less than the template fits, returns a match
     with similarity 0 at the expected position (``at_edge`` True). Raises
     ``ValueError`` when `pixel_size_m` is given and differs from the
     template's by more than 1 %.
@@ -315,7 +315,6 @@ def locate_fiducial(
                              (ex, ey))
     window = _bandpassed_crop(img, x0, y0, x1, y1, template.smooth_px, template.background_px)
     ncc = normalized_cross_correlation(window, template.image)
-    # only placements within the radius count (the window is square; clipped by the frame)
     r, c = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
     peak = float(ncc[r, c])
     rr, cc = _subpixel_peak(ncc, int(r), int(c))

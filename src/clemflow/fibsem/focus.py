@@ -13,7 +13,9 @@ of the signal, before the noise) can only lower. A plain Tenengrad instead
 rises again at large defocus, when noise is all that is left.
 
 :class:`FocusWatch` keeps a reference (median of the first values after
-each autofocus) and flags a value below ``(1 - drop_fraction)`` of it.
+each autofocus, then fixed until the next: a rolling reference would
+follow a slow defocus and never fire) and flags a value below
+``(1 - drop_fraction)`` of it.
 """
 
 from __future__ import annotations

@@ -86,6 +86,9 @@ def what_to_check(fault: FaultInfo) -> str:
 def make_safe(bridge: BridgeClient, key_prefix: str, running: str | None = None) -> dict[str, Any]:
     """Stop the running operation and blank both beams; returns what was done and what failed (never raises)."""
     done: dict[str, Any] = {"cancelled": None, "blanked": [], "failed": []}
+    if not bridge.available:  # silent server: each request would only wait out the heartbeat limit
+        done["failed"].append("the bridge server does not answer: nothing could be stopped or blanked from here")
+        return done
     try:
         state = bridge.state()
         running = running or state.get("busy")

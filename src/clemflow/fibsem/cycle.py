@@ -182,7 +182,7 @@ class SliceCycle:
                                          f"(similarity {match.similarity:.2f} < {cadence.min_fiducial_similarity:.2f}, "
                                          f"at edge: {match.at_edge}); slice {index} is saved", slice=index,
                                          phase="drift correction"))
-            self.tracking = self.tracking.corrected(self._offset(match, index), match.similarity)
+            self.tracking = self.tracking.corrected(self._offset(match, index), match.similarity, index)
             self._tracking_changed()
         return record
 

@@ -15,7 +15,9 @@ from ..bridge.backend import MillPattern
 from ..protocol.fibsem import FIBSEM
 from .plan import SlicePlan
 
-__all__ = ["PreflightProblem", "preflight"]
+__all__ = ["FIDUCIAL_CURRENT_A", "PreflightProblem", "fiducial_current", "preflight"]
+
+FIDUCIAL_CURRENT_A = 100e-12
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ def preflight(fibsem: FIBSEM, plan: SlicePlan, target_xy_m: tuple[float, float],
     check("fibsem.fib.voltage", fib.voltage, ion.get("voltage_v"), "FIB voltage")
     check("fibsem.fib.current", fib.current, ion.get("current_a"), "FIB milling current")
     check("fibsem.trench.current", fibsem.trench.current, ion.get("current_a"), "trench current")
+    for field, current in (("fibsem.fib.current", fib.current), ("fibsem.trench.current", fibsem.trench.current)):
+        offered = ion.get("currents_a") or []
+        if offered and not _offered(current, offered):
+            problems.append(PreflightProblem(field, current, list(offered), "the FIB column does not offer this current "
+                                             "(choose one of its probes)"))
+    offered = electron.get("currents_a") or []
+    if offered and not _offered(sem.current, offered):
+        problems.append(PreflightProblem("fibsem.sem.current", sem.current, list(offered), "the SEM does not offer this current"))
     check("fibsem.slice_thickness", plan.thickness_m, limits.get("pattern_size_m"), "slice thickness (pattern height)")
     check("fibsem.trench.depth", plan.depth_m, limits.get("mill_depth_m"), "mill depth")
 
@@ -93,6 +103,20 @@ def preflight(fibsem: FIBSEM, plan: SlicePlan, target_xy_m: tuple[float, float],
     check("target", target_xy_m[0], stage.get("x_m"), "target x (stage)")
     check("target", target_xy_m[1], stage.get("y_m"), "target y (stage)")
     return _unique(problems)
+
+
+def _offered(current: float, offered: Sequence[float]) -> bool:
+    return any(abs(current - float(c)) <= 1e-3 * max(abs(float(c)), 1e-15) for c in offered)
+
+
+def fiducial_current(fibsem: FIBSEM, limits: dict[str, Any]) -> float:
+    """The current to mill the fiducial with: 100 pA (sharp edges, seconds) when the column offers it, else the slices'."""
+    ion = limits.get("ion") or {}
+    offered = ion.get("currents_a") or []
+    if FIDUCIAL_CURRENT_A <= fibsem.fib.current and _within(FIDUCIAL_CURRENT_A, ion.get("current_a")) and (
+            not offered or _offered(FIDUCIAL_CURRENT_A, offered)):
+        return FIDUCIAL_CURRENT_A
+    return float(fibsem.fib.current)
 
 
 def _unique(problems: list[PreflightProblem]) -> list[PreflightProblem]:

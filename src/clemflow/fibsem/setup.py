@@ -24,6 +24,7 @@ from .context import RunContext
 from .fiducial import LowContrastError
 from .safety import FaultInfo, PauseRun
 from .plan import FIDUCIAL_ARM_M
+from .preflight import fiducial_current
 from .slices import check_frame, read_slice, write_tiff
 from .tracking import Tracking
 from .view import (MIN_ARM_PX, MIN_CHANGE_Z, ZOOMS_OUT, FiducialSighting, capture, change_peak, correction_to,
@@ -100,8 +101,9 @@ def run_setup(ctx: RunContext) -> Tracking:
     if "before" not in done:
         _before_frames(ctx)
     if "fiducial" not in done:
-        result = _keyed(ctx, "fiducial", lambda key: ctx.bridge.mill(ctx.plan.fiducial(), ctx.fibsem.fib.current,
-                                                                     ctx.fibsem.fib.voltage, key=key),
+        current = fiducial_current(ctx.fibsem, ctx.limits)
+        result = _keyed(ctx, "fiducial", lambda key: ctx.bridge.mill(ctx.plan.fiducial(), current, ctx.fibsem.fib.voltage,
+                                                                     key=key),
                         look=lambda: False)
         _done(ctx, "fiducial", key=result.get("key"), result=_brief(result))
     if ctx.memory.tracking is None or "view" not in done:

@@ -10,11 +10,13 @@ Milling slice ``i`` moves the face content up the image by ``rise`` (cos(tilt)
 x t) and away along the SEM axis by ``wd_step`` (sin(tilt) x t). The frame of
 slice ``i`` is therefore taken with
 
-    beam shift = base_shift + (0, i x rise) + drift
+    beam shift = base_shift + (0, i x rise) + drift + velocity x (i - corrected_at)
     working distance = base_wd + i x wd_step + focus
 
-where ``drift`` is what fiducial tracking has corrected so far and ``focus``
-what autofocus has added to the prediction. With Y tracking the face stays
+where ``drift`` is what fiducial tracking had corrected by slice
+``corrected_at``, ``velocity`` its estimate of the drift per slice (an
+alpha-beta filter: a steady drift is followed without lagging a slice behind)
+and ``focus`` what autofocus has added to the prediction. With Y tracking the face stays
 put in the image while sample-fixed marks on the surface (the fiducial) move
 *down* by ``rise`` per slice: the fiducial is expected at
 ``template centre + (0, (i - template slice) x rise / pixel)``.
@@ -25,7 +27,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["Tracking", "shift_for_offset"]
+__all__ = ["VELOCITY_GAIN", "Tracking", "shift_for_offset"]
+
+VELOCITY_GAIN = 0.4
+"""Share of each correction (per slice) added to the drift-rate estimate; small enough that noise and a single
+jump do not swing it much."""
 
 
 def shift_for_offset(offset_px: tuple[float, float], pixel_size_m: float) -> tuple[float, float]:
@@ -44,6 +50,8 @@ class Tracking:
     base_shift_m: tuple[float, float] = (0.0, 0.0)
     base_wd_m: float = 5e-3
     drift_m: tuple[float, float] = (0.0, 0.0)
+    velocity_m: tuple[float, float] = (0.0, 0.0)  # drift per slice, estimated
+    corrected_at: int = 0
     focus_m: float = 0.0
     stigmation: tuple[float, float] | None = None
     last_offset_px: tuple[float, float] | None = None
@@ -54,7 +62,9 @@ class Tracking:
 
     def beam_shift(self, index: int) -> tuple[float, float]:
         """Electron beam shift for the frame of slice ``index`` (0 = before any slice)."""
-        return (self.base_shift_m[0] + self.drift_m[0], self.base_shift_m[1] + index * self.rise_m + self.drift_m[1])
+        ahead = max(0, index - self.corrected_at)
+        return (self.base_shift_m[0] + self.drift_m[0] + self.velocity_m[0] * ahead,
+                self.base_shift_m[1] + index * self.rise_m + self.drift_m[1] + self.velocity_m[1] * ahead)
 
     def working_distance(self, index: int) -> float:
         return self.base_wd_m + index * self.wd_step_m + self.focus_m
@@ -63,10 +73,15 @@ class Tracking:
         """Where the fiducial should appear in the frame of slice ``index`` once drift is corrected."""
         return (template_center_px[0], template_center_px[1] + (index - template_index) * self.rise_m / self.pixel_size_m)
 
-    def corrected(self, offset_px: tuple[float, float], similarity: float) -> Tracking:
-        """Add the beam shift that brings a fiducial seen at ``offset_px`` from its expected place back to it."""
+    def corrected(self, offset_px: tuple[float, float], similarity: float, index: int) -> Tracking:
+        """The fiducial in the frame of slice ``index`` was ``offset_px`` from where it belongs: shift it back,
+        and learn the drift per slice (so a steady drift is met, not followed a slice late)."""
         dx, dy = shift_for_offset(offset_px, self.pixel_size_m)
-        return replace(self, drift_m=(self.drift_m[0] + dx, self.drift_m[1] + dy), last_offset_px=tuple(offset_px),
+        steps = max(1, index - self.corrected_at)
+        ahead = max(0, index - self.corrected_at)
+        drift = (self.drift_m[0] + self.velocity_m[0] * ahead + dx, self.drift_m[1] + self.velocity_m[1] * ahead + dy)
+        velocity = (self.velocity_m[0] + VELOCITY_GAIN * dx / steps, self.velocity_m[1] + VELOCITY_GAIN * dy / steps)
+        return replace(self, drift_m=drift, velocity_m=velocity, corrected_at=index, last_offset_px=tuple(offset_px),
                        last_similarity=float(similarity), corrections=self.corrections + 1)
 
     def observed(self, offset_px: tuple[float, float], similarity: float) -> Tracking:
@@ -90,7 +105,7 @@ class Tracking:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tracking:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for k in ("base_shift_m", "drift_m", "stigmation", "last_offset_px"):
+        for k in ("base_shift_m", "drift_m", "velocity_m", "stigmation", "last_offset_px"):
             if isinstance(known.get(k), list):
                 known[k] = tuple(known[k])
         return cls(**known)

@@ -48,25 +48,39 @@ MIN_CHANGE_Z = 15.0
 
 
 def change_peak(before: NDArray[Any], after: NDArray[Any], pixel_m: float) -> tuple[tuple[float, float], float]:
-    """Where ``after`` differs most from ``before`` at the fiducial's scale: ((x, y) px, robust z-score).
+    """Where ``after`` differs most from ``before`` at the fiducial's scale: ((x, y) px in ``after``, robust z-score).
 
-    The two frames are registered first (phase correlation), so drift between
-    them does not show as change.
+    The frames are registered first (phase correlation) and only their
+    overlap is compared, away from its border, so drift between them does
+    not show as change.
     """
     b = np.asarray(before, np.float32)
     a = np.asarray(after, np.float32)
     shift, _, _ = phase_cross_correlation(b, a, upsample_factor=10)
-    a = ndimage.shift(a, shift, order=1, mode="nearest")
+    whole = np.round(shift).astype(int)  # before[r, c] shows what after shows at [r - dr, c - dc]
+    dr, dc = int(whole[0]), int(whole[1])
+    h, w = b.shape
+    r0, r1 = max(0, dr), min(h, h + dr)
+    c0, c1 = max(0, dc), min(w, w + dc)
+    if r1 - r0 < 32 or c1 - c0 < 32:
+        return (0.0, 0.0), 0.0
+    b_overlap = b[r0:r1, c0:c1]
+    a_overlap = a[r0 - dr:r1 - dr, c0 - dc:c1 - dc]
+    a_overlap = ndimage.shift(a_overlap, shift - whole, order=1, mode="nearest")
     width_px = FIDUCIAL_WIDTH_M / pixel_m
     arm_px = FIDUCIAL_ARM_M / pixel_m
-    d = ndimage.gaussian_filter(a - b, max(1.0, width_px / 3))
-    energy = ndimage.gaussian_filter(d * d, max(1.0, arm_px / 4))
-    margin = int(min(8, energy.shape[0] // 8, energy.shape[1] // 8))  # interpolation edges of the shift
+    d = ndimage.gaussian_filter(a_overlap - b_overlap, max(1.0, width_px / 3))
+    sigma = max(1.0, arm_px / 4)
+    energy = ndimage.gaussian_filter(d * d, sigma)
+    margin = int(math.ceil(2 * sigma)) + 2
     inner = energy[margin:energy.shape[0] - margin, margin:energy.shape[1] - margin]
+    if inner.size == 0:
+        return (0.0, 0.0), 0.0
     median = float(np.median(inner))
     spread = float(np.median(np.abs(inner - median))) * 1.4826 or 1e-12
     r, c = np.unravel_index(int(np.argmax(inner)), inner.shape)
-    return (float(c + margin), float(r + margin)), (float(inner[r, c]) - median) / spread
+    x, y = c + margin + c0 - float(shift[1]), r + margin + r0 - float(shift[0])  # before's pixel -> after's
+    return (float(x), float(y)), (float(inner[r, c]) - median) / spread
 
 
 @dataclass(frozen=True)

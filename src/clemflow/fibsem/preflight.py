@@ -76,7 +76,7 @@ def preflight(fibsem: FIBSEM, plan: SlicePlan, target_xy_m: tuple[float, float],
     check("fibsem.trench.current", fibsem.trench.current, ion.get("current_a"), "trench current")
     for field, current in (("fibsem.fib.current", fib.current), ("fibsem.trench.current", fibsem.trench.current)):
         offered = ion.get("currents_a") or []
-        if offered and not _offered(current, offered):
+        if offered and _within(current, ion.get("current_a")) and not _offered(current, offered):
             problems.append(PreflightProblem(field, current, list(offered), "the FIB column does not offer this current "
                                              "(choose one of its probes)"))
     offered = electron.get("currents_a") or []

@@ -11,6 +11,7 @@ instrument) it does not.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -24,11 +25,11 @@ SLICES = 40
 OTHER_CELL_UM = (-2135.736, 465.986)  # another cell of the small world, a site of its own
 
 
-def held_offsets(run_dir, state_dir, n):
+def held_offsets(run_dir, state_dir, n, thickness_nm=THICKNESS_NM):
     """Per slice: the sample offset of its frame minus what Y tracking alone explains, relative to the frame the
     fiducial template was cut from (px)."""
     frames = read_frame_log(state_dir)
-    rise_px = math.cos(math.radians(54.0)) * THICKNESS_NM / PIXEL_NM
+    rise_px = math.cos(math.radians(54.0)) * thickness_nm / PIXEL_NM
     out = []
     for i in range(0, n + 1):
         name = "fiducial_frame.tif" if i == 0 else f"slices/slice_{i:06d}.tif"
@@ -65,3 +66,23 @@ def test_fiducial_tracking_holds_several_microns_of_drift_within_a_few_pixels(tm
 
     loose = held_offsets(free, server.state_dir, SLICES)
     assert math.hypot(*loose[-1]) > 150, loose[-1]  # untracked, the sample walks out of the frame
+
+
+def test_a_new_fiducial_is_milled_before_the_face_reaches_the_old_one_and_tracking_carries_on(tmp_path):
+    """100 nm slices: the face reaches the first "+" (3 µm ahead) after ~20 slices; a second one is milled 3 µm
+    ahead of the face before that, found the same way, and tracked from there."""
+    with BridgeServer(tmp_path / "bridge") as server:  # the simulator's default drift: random walk and jumps
+        protocol, targets = write_inputs(tmp_path, server.address, slices=30, thickness_nm=100.0)
+        out = tmp_path / "run"
+        outcome, text = run_engine(protocol, targets, out, server.address)
+        assert outcome.state == "done", text
+    assert_run_complete(out, server.state_dir, 30, thickness_nm=100.0, fiducials=2)
+    events = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    renewed = [e for e in events if e["step"] == "template" and e["outcome"] == "captured" and e.get("renewal")]
+    assert [(e["renewal"], e["index"]) for e in renewed] == [(1, 20)]
+    assert abs(renewed[0]["fiducial_y_m"] - (-6e-6 + 20 * 100e-9 + 3e-6)) < 1e-12
+    similarities = [e["fiducial"]["similarity"] for e in events if e["outcome"] == "saved"]
+    assert min(similarities) > 0.8, similarities
+    held = [math.hypot(x, y) for x, y in held_offsets(out, server.state_dir, 30, thickness_nm=100.0)]
+    assert max(held[16:]) < 1.5, held  # across the change of fiducial (slice 20 -> 21) and after it
+    assert np.median(held) < 0.5, held  # (slice 8 shows one of the simulator's random drift jumps, then corrected)

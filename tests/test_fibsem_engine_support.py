@@ -202,7 +202,8 @@ def classify_mills(records: list[dict[str, Any]], thickness_nm: float = THICKNES
 
 
 def assert_run_complete(run_dir: Path, state_dir: Path, n: int, *, partial_ok: bool = False,
-                        target_um: tuple[float, float] = TARGET_UM) -> dict[int, list[dict[str, Any]]]:
+                        target_um: tuple[float, float] = TARGET_UM, thickness_nm: float = THICKNESS_NM,
+                        fiducials: int = 1) -> dict[int, list[dict[str, Any]]]:
     """Exactly slices 1..n on disk, each milled exactly once (a partial mill may precede a completing one if allowed)."""
     files = sorted((run_dir / "slices").glob("slice_*.tif"))
     assert [int(p.stem.split("_")[1]) for p in files] == list(range(1, n + 1))
@@ -210,8 +211,8 @@ def assert_run_complete(run_dir: Path, state_dir: Path, n: int, *, partial_ok: b
         meta = json.loads(tifffile.TiffFile(p).pages[0].description)
         assert meta["clemflow"]["slice_index"] == int(p.stem.split("_")[1])
         assert meta["instrument"]["pixel_size_m"][0] > 0 and meta["instrument"]["working_distance_m"] > 0
-    trench, fiducial, slices = classify_mills(site_mills(state_dir, target_um))
-    assert (trench, fiducial) == (1, 1)
+    trench, fiducial, slices = classify_mills(site_mills(state_dir, target_um), thickness_nm)
+    assert (trench, fiducial) == (1, fiducials)
     assert sorted(slices) == list(range(1, n + 1)), f"slices milled: {sorted(slices)}"
     for index, records in slices.items():
         completed = [r for r in records if r["status"] == "completed"]
@@ -220,7 +221,7 @@ def assert_run_complete(run_dir: Path, state_dir: Path, n: int, *, partial_ok: b
         if not partial_ok:
             assert len(records) == 1, f"slice {index} milled {len(records)} times"
         removed = sum(r["removed_um"] for r in records)
-        assert abs(removed - THICKNESS_NM * 1e-3) < 1e-6, f"slice {index} removed {removed} µm"
+        assert abs(removed - thickness_nm * 1e-3) < 1e-6, f"slice {index} removed {removed} µm"
     stream = [json.loads(line) for line in (run_dir / "slices.jsonl").read_text().splitlines()]
     assert [r["index"] for r in stream] == list(range(1, n + 1))
     return slices

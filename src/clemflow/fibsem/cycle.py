@@ -129,8 +129,8 @@ class SliceCycle:
     def _reference(self, index: int) -> tuple[NDArray[Any], dict[str, Any], tuple[float, float]]:
         """The image, metadata and fiducial position of saved slice ``index`` (0: the template's frame)."""
         ctx = self.ctx
-        if index <= 0:
-            template = ctx.memory.template or {}
+        template = ctx.memory.template or {}
+        if index <= 0 or int(template.get("index", 0)) == index:  # the template's frame came after this slice's
             image, meta = read_slice(ctx.run_dir / str(template.get("frame", "fiducial_frame.tif")))
             return image, meta, self.template.center_px
         saved = ctx.memory.slice(index).saved or {}

@@ -39,6 +39,7 @@ from .context import RunContext
 from .cycle import SliceCycle
 from .plan import SlicePlan
 from .preflight import PreflightProblem, preflight
+from .renew import renew_fiducial, renewal_due
 from .resume import RunMemory, read_memory
 from .safety import FaultInfo, PauseRun, instrument_problems, make_safe, what_to_check
 from .setup import restore_imaging, run_setup
@@ -182,6 +183,9 @@ class SliceAndViewEngine:
                 break
             self._slice = index
             t0 = time.monotonic()
+            if not memory.slice(index).milled and renewal_due(cycle, index - 1):
+                self._phase = "fiducial renewal"
+                renew_fiducial(cycle, index - 1)
             if not memory.slice(index).milled:
                 self._phase = "mill"
                 cycle.mill(index)

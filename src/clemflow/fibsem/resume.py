@@ -9,7 +9,8 @@ step                 outcome            data
 ``setup``            ``started``        name, key (before a keyed request is sent)
 ``setup``            ``done``           name, key, result
 ``setup``            ``checked``        name, key, record state, decision
-``template``         ``captured``       path, center_px, size_px, pixel_size_m, index
+``template``         ``captured``       path, center_px, size_px, pixel_size_m, index (renewal)
+``fiducial``         ``before`` ...     renewal, index, y_m, key (a new fiducial, ``renew``)
 ``tracking``         ``updated``        the tracking state (beam shift, WD, drift, ...)
 ``slice``            ``mill started``   index, key (before the mill is sent)
 ``slice``            ``mill done``      index, key, result
@@ -59,7 +60,9 @@ class RunMemory:
     template: dict[str, Any] | None = None
     faults: list[dict[str, Any]] = field(default_factory=list)
     finished: dict[str, Any] | None = None
-    resumes: int = 0  # fault pauses resumed so far (for keys of the resume's settings)
+    resumes: int = 0  # fault pauses resumed so far
+    renewals: int = 0  # fiducials milled after the first (``renew``)
+    renewal_pending: dict[str, Any] | None = None  # a renewal started and not finished
 
     @property
     def last_saved(self) -> int:
@@ -102,6 +105,18 @@ def read_memory(journal: Journal) -> RunMemory:
                 memory.setup_done[name] = dict(data)
         elif step == "template" and outcome == "captured":
             memory.template = dict(data)
+            if data.get("renewal"):
+                memory.renewals = int(data["renewal"])
+                memory.renewal_pending = None
+        elif step == "fiducial":
+            pending = memory.renewal_pending
+            if outcome == "before":
+                memory.renewal_pending = {"renewal": data.get("renewal"), "index": data.get("index"), "y_m": data.get("y_m"),
+                                          "before": data.get("path"), "attempt": -1}
+            elif pending is not None and outcome == "mill started":
+                pending.update(key=data.get("key"), attempt=int(pending.get("attempt", -1)) + 1)
+            elif pending is not None and outcome == "mill done":
+                pending["milled"] = True
         elif step == "tracking" and outcome == "updated":
             memory.tracking = dict(data)
         elif step == "slice":

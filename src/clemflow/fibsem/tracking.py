@@ -24,14 +24,16 @@ put in the image while sample-fixed marks on the surface (the fiducial) move
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 __all__ = ["VELOCITY_GAIN", "Tracking", "shift_for_offset"]
 
 VELOCITY_GAIN = 0.4
-"""Share of each correction (per slice) added to the drift-rate estimate; small enough that noise and a single
-jump do not swing it much."""
+"""Share of each correction (per slice) added to the drift-rate estimate."""
+JUMP_PX = 5.0
+"""An offset this large and this unlike the previous one is a jump (stage, charging): corrected, not learnt as a rate."""
 
 
 def shift_for_offset(offset_px: tuple[float, float], pixel_size_m: float) -> tuple[float, float]:
@@ -80,7 +82,10 @@ class Tracking:
         steps = max(1, index - self.corrected_at)
         ahead = max(0, index - self.corrected_at)
         drift = (self.drift_m[0] + self.velocity_m[0] * ahead + dx, self.drift_m[1] + self.velocity_m[1] * ahead + dy)
-        velocity = (self.velocity_m[0] + VELOCITY_GAIN * dx / steps, self.velocity_m[1] + VELOCITY_GAIN * dy / steps)
+        last = self.last_offset_px or (0.0, 0.0)
+        jump = math.hypot(*offset_px) > JUMP_PX and math.hypot(offset_px[0] - last[0], offset_px[1] - last[1]) > JUMP_PX
+        gain = 0.0 if jump else VELOCITY_GAIN  # a sudden jump is corrected, but is no drift rate
+        velocity = (self.velocity_m[0] + gain * dx / steps, self.velocity_m[1] + gain * dy / steps)
         return replace(self, drift_m=drift, velocity_m=velocity, corrected_at=index, last_offset_px=tuple(offset_px),
                        last_similarity=float(similarity), corrections=self.corrections + 1)
 

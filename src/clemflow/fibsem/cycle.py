@@ -52,10 +52,17 @@ FACE_MARGIN_PX = 6
 
 @dataclass
 class SliceTimes:
-    mill_s: float = 0.0
-    image_s: float = 0.0
-    total_s: float = 0.0
-    server_s: float = 0.0  # instrument time the server reported (mill + frame), for the benchmark
+    """Where one slice's time went (wall seconds unless named instrument_*), for the dashboard and the benchmark."""
+
+    mill_s: float = 0.0  # the mill request, sent to done
+    image_s: float = 0.0  # frame requests, sent to pixels received
+    total_s: float = 0.0  # mill start to the slice saved and published
+    server_mill_s: float = 0.0  # the mill's own start to end, as the instrument reported it
+    server_frame_s: float = 0.0  # the frames' own start to end (at zero delay: rendering)
+    instrument_mill_s: float = 0.0  # instrument time the mill took (milled_s)
+    instrument_frame_s: float = 0.0  # instrument time of the frames (frame_time_s)
+    save_s: float = 0.0  # writing the TIFF
+    track_s: float = 0.0  # locating the fiducial, focus measure
 
     @property
     def overhead_s(self) -> float:
@@ -108,7 +115,8 @@ class SliceCycle:
         result = ctx.call(lambda: ctx.bridge.mill(patterns, fib.current, fib.voltage, key=key))
         ctx.journal.append("slice", "mill done", index=index, key=key, result=_brief(result))
         memory.mill_done = True
-        self.last = SliceTimes(mill_s=time.monotonic() - t0, server_s=float(result.get("milled_s") or 0.0))
+        self.last = SliceTimes(mill_s=time.monotonic() - t0, instrument_mill_s=float(result.get("milled_s") or 0.0),
+                               server_mill_s=_span(result))
         self._mill_report = result
 
     def look(self, index: int) -> FaceEvidence:
@@ -166,6 +174,7 @@ class SliceCycle:
         frame, image = self._good_frame(index)
         match: FiducialMatch | None = None
         correct = bool(cadence.drift_correction_every) and index % cadence.drift_correction_every == 0
+        t_track = time.monotonic()
         if correct:
             match = self._locate(image, index)
             if not match.ok(cadence.min_fiducial_similarity):
@@ -175,6 +184,7 @@ class SliceCycle:
                 match = self._locate(image, index)
         focus = float(sharpness(image))
         self.autofocus_due = self.focus_watch.needs_autofocus(focus)
+        self.last.track_s = time.monotonic() - t_track
         record = self._save(index, frame, image, match, focus, t0)
         if match is not None:
             if not match.ok(cadence.min_fiducial_similarity):
@@ -207,7 +217,8 @@ class SliceCycle:
             image = np.asarray(frame.image)
             problem = check_frame(image, w, h, int(sem.bit_depth))
             if problem is None:
-                self.last.server_s += float(frame.metadata.get("frame_time_s") or 0.0)
+                self.last.instrument_frame_s += float(frame.metadata.get("frame_time_s") or 0.0)
+                self.last.server_frame_s += _span(frame.metadata)
                 return frame, image
             problems.append(f"{problem.kind}: {problem.message}")
             ctx.journal.append("slice", "frame retry", index=index, attempt=attempt, problem=problem.kind,
@@ -275,11 +286,13 @@ class SliceCycle:
                     "slice_thickness_m": plan.thickness_m, "mill_keys": list(memory.mill_keys),
                     "mill": _brief(getattr(self, "_mill_report", None) or {}), "tracking": self.tracking.as_json(),
                     "fiducial": fiducial, "focus": {"sharpness": focus}, "saved_time": time.time()}
+        t_save = time.monotonic()
         try:
             self.writer.write(index, image, {"instrument": instrument, "clemflow": clemflow})
         except OSError as error:
             raise PauseRun(FaultInfo("disk_error", f"slice {index} could not be written to {path}: {error}", slice=index,
                                      phase="save", retry_safe=True)) from error
+        self.last.save_s = time.monotonic() - t_save
         record = {"index": index, "path": str(path.relative_to(ctx.run_dir)), "depth_m": plan.depth_after(index),
                   "thickness_m": plan.thickness_m, "pixel_size_m": instrument.get("pixel_size_m"),
                   "start_time": instrument.get("start_time"), "end_time": instrument.get("end_time"),
@@ -305,6 +318,14 @@ def _fault_name(problems: list[str]) -> str:
         if only in ("frame_timeout", "beam_trip", "vacuum_interlock", "link_lost", "interlock"):
             return only
     return "frame_rejected"
+
+
+def _span(report: dict[str, Any]) -> float:
+    """End minus start time of an operation as the instrument reported them (0 when it did not)."""
+    try:
+        return max(0.0, float(report["end_time"]) - float(report["start_time"]))
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def _brief(result: dict[str, Any]) -> dict[str, Any]:

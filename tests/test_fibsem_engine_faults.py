@@ -142,3 +142,71 @@ def test_stage_error_on_the_move_to_the_target_pauses_then_the_move_is_checked_a
     checked = [e for e in events if e["step"] == "setup" and e["outcome"] == "checked"]
     assert [(e["name"], e["verdict"], e["decision"]) for e in checked] == [("move", "look", False)]
     assert_run_complete(out, server.state_dir, 3, target_um=target)
+
+
+def test_operator_pause_resume_abort_and_an_interactive_fault_resumed_in_the_same_session(tmp_path):
+    """p / r / a reach the engine through RunControl (as the terminal's keys do): a pause holds between slices with
+    the beams blanked, an abort stops after the slice in progress; with --interactive a fault waits for 'r'."""
+    import threading
+    import time
+
+    from clemflow.schedule.control import RunControl
+
+    with BridgeServer(tmp_path / "bridge") as server, BridgeClient(server.address) as side:
+        protocol, targets = write_inputs(tmp_path, server.address, slices=8)
+        out = tmp_path / "run"
+        spec = load_protocol(protocol)
+        control = RunControl()
+        seen = {}
+
+        def operator(record):
+            index = record["index"]
+            if index == 2:
+                control.pause()
+
+                def later():
+                    time.sleep(0.3)
+                    seen["blanked"] = side.state()["beams"]["electron"]["blanked"]
+                    control.resume()
+
+                threading.Thread(target=later).start()
+            elif index == 4:
+                control.abort("operator")
+
+        def session(on_slice, control, interactive=False):
+            folder = RunFolder.open(out, spec, protocol.read_text())
+            with BridgeClient(server.address, heartbeat_s=0.5) as client:
+                return SliceAndViewEngine(client, spec.fibsem, folder, SlicePlan.from_protocol(spec.fibsem),
+                                          choose_target(spec.fibsem, targets), console=Console(file=io.StringIO()),
+                                          control=control, interactive=interactive, on_slice=on_slice).run()
+
+        outcome = session(operator, control)
+        assert outcome.state == "aborted" and outcome.slices_saved == 4
+        assert seen["blanked"] is True
+        assert side.state()["beams"]["ion"]["blanked"]
+
+        control = RunControl()
+
+        def fault_then_fix(record):
+            if record["index"] == 6:
+                side.set_fault("vacuum_interlock", True)
+
+                def fix():
+                    deadline = time.monotonic() + 30
+                    while not (control.paused and any(e["step"] == "fault" for e in journal(out))):
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    side.set_fault("vacuum_interlock", False)
+                    control.resume()
+
+                threading.Thread(target=fix).start()
+
+        outcome = session(fault_then_fix, control, interactive=True)
+        assert outcome.state == "done"
+    events = journal(out)
+    steps = [(e["step"], e["outcome"]) for e in events if e["step"] in ("fibsem", "fault")]
+    assert ("fibsem", "paused") in steps and ("fibsem", "resumed") in steps and ("fibsem", "aborted") in steps
+    i = steps.index(("fault", "paused"))
+    assert steps[i + 1:i + 3] == [("fibsem", "resume requested"), ("fibsem", "resumed after fault")]
+    assert sum(s == ("fibsem", "started") for s in steps) == 2  # the fault was resumed in the same session
+    assert_run_complete(out, server.state_dir, 8)

@@ -168,9 +168,10 @@ class SliceCycle:
         if cadence.autostigmation_every and index % cadence.autostigmation_every == 0:
             self._autostigmation(index)
         tracking = self.tracking
+        stigmation = list(tracking.stigmation) if tracking.stigmation is not None else None
         ctx.call(lambda: ctx.bridge.set_beam("electron", key=ctx.fresh(f"slice-{index:06d}", "beam"),
                                              beam_shift_m=list(tracking.beam_shift(index)),
-                                             working_distance_m=tracking.working_distance(index)))
+                                             working_distance_m=tracking.working_distance(index), stigmation=stigmation))
         frame, image = self._good_frame(index)
         match: FiducialMatch | None = None
         correct = bool(cadence.drift_correction_every) and index % cadence.drift_correction_every == 0

@@ -62,8 +62,8 @@ def test_bridge_server_killed_during_a_mill_then_server_crash_fault_resume_witho
 
     server = BridgeServer(tmp_path / "bridge")
     server.start()
-    try:  # milling at 100 pA: a slice takes ~75 ms here, so a kill 20 ms after it started lands inside it
-        protocol, targets = write_inputs(tmp_path, server.address, slices=24, fib_current="100 pA")
+    try:  # milling at 50 pA: a slice takes ~150 ms here, so a kill 20 ms after it started lands inside it
+        protocol, targets = write_inputs(tmp_path, server.address, slices=16, fib_current="50 pA")
         out = tmp_path / "run"
         result: list = []
         session = threading.Thread(target=lambda: result.append(run_engine(protocol, targets, out, server.address)))
@@ -96,7 +96,7 @@ def test_bridge_server_killed_during_a_mill_then_server_crash_fault_resume_witho
         assert code == 0, output
     finally:
         server.kill()
-    slices = assert_run_complete(out, server.state_dir, 24)
+    slices = assert_run_complete(out, server.state_dir, 16)
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines() if line.endswith("}")]
     checked = [e for e in journal if e["outcome"] == "mill checked"]
     # slice 8: first "not milled" (the server died inside its mill), then, after the crash fault, "milled"

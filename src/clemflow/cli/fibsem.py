@@ -131,5 +131,6 @@ def _run_engine(protocol, fibsem, folder, plan, target, address: str, keys, inte
         console.print(f"[yellow]⏸ paused safely[/yellow]: {escape(outcome.message)}. "
                       f"Check: {escape(what_to_check(outcome.fault))}. Then resume with:\n  {escape(again)}", soft_wrap=True)
     else:
-        console.print(f"[yellow]⏸ {escape(outcome.message)}[/yellow]; resume with:\n  {escape(again)}", soft_wrap=True)
+        console.print(f"[yellow]⏸ {escape(outcome.message)}[/yellow]; the same command resumes the run:\n  {escape(again)}",
+                      soft_wrap=True)
     return EXIT_PAUSED

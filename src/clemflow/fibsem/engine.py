@@ -88,6 +88,8 @@ class SliceAndViewEngine:
             self.alerts.listeners.append(lambda message, level: dashboard.alert(message, level))
         self.on_slice = on_slice
         self.stream = SliceStream(folder.path)
+        if on_slice is not None:
+            self.stream.subscribe(on_slice)
         self._slice: int | None = None
         self._phase = "start"
         self._durations: deque[float] = deque(maxlen=20)
@@ -98,7 +100,7 @@ class SliceAndViewEngine:
     def run(self) -> EngineOutcome:
         journal = self.folder.journal
         memory = read_memory(journal)
-        if memory.finished is not None:
+        if memory.finished is not None and memory.last_saved >= self.plan.slices:
             return EngineOutcome("done", f"the run is complete ({memory.last_saved} slices); nothing to do", memory.last_saved)
         try:
             info = self.bridge.hello()
@@ -110,6 +112,9 @@ class SliceAndViewEngine:
             journal.append("fibsem", "refused", problems=[str(p) for p in problems])
             return EngineOutcome("refused", "the instrument cannot do this run as written; nothing was moved or milled",
                                  memory.last_saved, problems=tuple(problems))
+        if memory.finished is not None:  # a run stopped by --slices, asked for more
+            journal.append("fibsem", "extended", slices=self.plan.slices, after=memory.last_saved)
+            memory.finished = None
         session = memory.sessions + 1
         journal.append("fibsem", "started", session=session, plan=self.plan.as_json(), target=self.target.as_json(),
                        server_id=info.server_id, backend=info.backend, model=info.model, serial=info.serial,
@@ -164,8 +169,6 @@ class SliceAndViewEngine:
         restore_imaging(ctx, tracking, memory.last_saved)
         cycle = SliceCycle(ctx, tracking, template, writer, self.stream)
         self.cycle = cycle
-        if self.on_slice is not None:
-            self.stream.subscribe(self.on_slice)
         return self._slices(ctx, cycle)
 
     def _slices(self, ctx: RunContext, cycle: SliceCycle) -> EngineOutcome:
@@ -246,6 +249,8 @@ class SliceAndViewEngine:
         if control.paused and not control.aborted:
             ctx.journal.append("fibsem", "paused", slice=ctx.memory.last_saved, by="operator")
             make_safe(ctx.bridge, ctx.fresh("pause", "safe"))
+            if self.cycle is not None:
+                self._status(ctx, self.cycle, "paused")
             control.wait_while_paused()
             if not control.aborted:
                 self._check_instrument(ctx)
@@ -254,8 +259,10 @@ class SliceAndViewEngine:
         if control.aborted:
             make_safe(ctx.bridge, ctx.fresh("abort", "safe"))
             ctx.journal.append("fibsem", "aborted", slice=ctx.memory.last_saved, reason=control.abort_reason)
-            return EngineOutcome("aborted", f"stopped after slice {ctx.memory.last_saved} ({control.abort_reason}); "
-                                 "the same command resumes the run", ctx.memory.last_saved)
+            if self.cycle is not None:
+                self._status(ctx, self.cycle, "aborted")
+            return EngineOutcome("aborted", f"stopped after slice {ctx.memory.last_saved} ({control.abort_reason})",
+                                 ctx.memory.last_saved)
         return None
 
     def _run_started(self, ctx: RunContext) -> float:

@@ -97,6 +97,8 @@ def read_memory(journal: Journal) -> RunMemory:
                     memory.faults[-1]["resolved"] = True
             elif outcome in ("done", "stopped"):
                 memory.finished = dict(data, outcome=outcome)
+            elif outcome == "extended":
+                memory.finished = None
         elif step == "setup":
             name = str(data.get("name"))
             if outcome == "started":

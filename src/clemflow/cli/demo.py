@@ -74,7 +74,15 @@ def demo(
     bridged = bridge_stage(run.path / "fibsem", run.path / "relocation" / "targets.json", seed=seed)
     run.journal.append("fibsem-bridge", "done", **bridged)
 
-    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse", "fibsem-bridge"])
+    console.print(Rule("7. Slice-and-view through the bridge: stopped half way, resumed, nothing milled twice"))
+    from .demo_slice_and_view import slice_and_view_stage
+
+    sliced = slice_and_view_stage(run.path / "slice-and-view", run.path / "relocation" / "targets.json",
+                                  folder / "fibsem_slice_and_view.yaml", seed=seed)
+    run.journal.append("slice-and-view", "done", **sliced)
+
+    run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse", "fibsem-bridge",
+                                             "slice-and-view"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
 

@@ -48,6 +48,7 @@ __all__ = ["FRAME_ATTEMPTS", "SliceCycle", "SliceTimes"]
 FRAME_ATTEMPTS = 3
 SEARCH_RADIUS_PX = 60.0
 FACE_MARGIN_PX = 6
+LOOK_RADIUS_PX = 150.0  # the check frame may come long after the last slice: search wider
 
 
 @dataclass
@@ -131,8 +132,14 @@ class SliceCycle:
         frame = self._grab(index, "look")
         template = self.template
         face_top = int(math.ceil(self._edge_row(index - 1) + FACE_MARGIN_PX))
-        return measure_face_rise(previous, np.asarray(frame.image), template, fid_px, face_top,
-                                 ctx.plan.rise_per_slice_m / ctx.pixel_size_m)
+        evidence = measure_face_rise(previous, np.asarray(frame.image), template, fid_px, face_top,
+                                     ctx.plan.rise_per_slice_m / ctx.pixel_size_m, LOOK_RADIUS_PX)
+        if evidence.fiducial_similarity < ctx.fibsem.cadence.min_fiducial_similarity:
+            ctx.journal.append("slice", "mill undecided", index=index, evidence=evidence.as_json())
+            raise PauseRun(FaultInfo("fiducial_lost", f"cannot tell whether slice {index} was milled: the fiducial is not "
+                                     f"found near where it was in slice {index - 1} (similarity {evidence.fiducial_similarity:.2f}): "
+                                     "check for a stage move or a large drift, then resume", slice=index, phase="look before deciding"))
+        return evidence
 
     def _reference(self, index: int) -> tuple[NDArray[Any], dict[str, Any], tuple[float, float]]:
         """The image, metadata and fiducial position of saved slice ``index`` (0: the template's frame)."""

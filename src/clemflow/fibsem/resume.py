@@ -15,6 +15,7 @@ step                 outcome            data
 ``slice``            ``mill started``   index, key (before the mill is sent)
 ``slice``            ``mill done``      index, key, result
 ``slice``            ``mill checked``   index, key, record state, evidence, decision
+``slice``            ``mill undecided`` index, evidence (the fiducial was not found: paused)
 ``slice``            ``frame retry``    index, attempt, problem
 ``slice``            ``saved``          index, path, depth_m, tracking, fiducial, focus
 ``fault``            ``paused``         code, name, retry_safe, message, slice, phase

@@ -31,16 +31,16 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
-from .fiducial import FiducialTemplate, capture_template, find_fiducial_candidates
+from .fiducial import FiducialTemplate, capture_template
 from .plan import FIDUCIAL_ARM_M, FIDUCIAL_WIDTH_M
 from .tracking import shift_for_offset
 
-__all__ = ["EDGE_ROW_FRACTION", "FiducialSighting", "change_peak", "desired_fiducial_px", "find_fiducial", "load_template",
+__all__ = ["EDGE_ROW_FRACTION", "FiducialSighting", "change_peak", "desired_fiducial_px", "load_template",
            "save_template", "template_size_px"]
 
 EDGE_ROW_FRACTION = 0.4
 ZOOMS_OUT = (1.0, 3.0, 6.0)
-MIN_ARM_PX = 8.0
+MIN_ARM_PX = 8.0  # a wider field than this shows the "+" too small to find
 
 
 MIN_CHANGE_Z = 15.0
@@ -91,24 +91,6 @@ class FiducialSighting:
     offset_m: tuple[float, float]  # from the frame centre, image axes (x right, y down)
     score: float
     zoom_out: float
-
-
-def find_fiducial(image: NDArray[Any], pixel_m: float, zoom_out: float, tilt_deg: float,
-                  region_px: tuple[int, int, int, int] | None = None) -> FiducialSighting | None:
-    """The best "+" of the planned size in ``image``, or None."""
-    arm_px = FIDUCIAL_ARM_M / pixel_m
-    if arm_px < MIN_ARM_PX:
-        return None
-    width_px = max(1.0, FIDUCIAL_WIDTH_M / pixel_m)
-    found = find_fiducial_candidates(image, arm_px, width_px, polarity="dark", region_px=region_px, max_candidates=1,
-                                     min_score=0.35)
-    if not found:
-        return None
-    best = found[0]
-    h, w = image.shape
-    ox = (best.position_px[0] - (w - 1) / 2) * pixel_m
-    oy = (best.position_px[1] - (h - 1) / 2) * pixel_m
-    return FiducialSighting(best.position_px, (ox, oy), best.score, zoom_out)
 
 
 def template_size_px(pixel_m: float, tilt_deg: float, frame: tuple[int, int]) -> tuple[int, int]:

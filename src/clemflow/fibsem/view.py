@@ -85,11 +85,11 @@ def change_peak(before: NDArray[Any], after: NDArray[Any], pixel_m: float) -> tu
 
 @dataclass(frozen=True)
 class FiducialSighting:
-    """The fiducial found without a template in a frame of pixel size ``pixel_m`` centred on the current view."""
+    """The new fiducial as the before/after difference found it, in a frame ``zoom_out`` x wider than the protocol's."""
 
     position_px: tuple[float, float]
     offset_m: tuple[float, float]  # from the frame centre, image axes (x right, y down)
-    score: float
+    score: float  # the change's robust z-score
     zoom_out: float
 
 

@@ -74,12 +74,13 @@ def test_journal_survives_a_torn_last_line(tmp_path):
     assert [e.data["index"] for e in reopened.events()] == [0, 1, 2]
 
 
-def test_run_command_says_the_fibsem_engine_is_missing(cli, tmp_path):
+def test_run_command_hands_a_fibsem_protocol_to_the_engine(cli, tmp_path):
+    # The engine needs the relocated target: without targets.json it says how to get one, before any connection.
     code, output = cli("run", SLICE, "--out", tmp_path / "r")
-    assert code == 4, output
-    assert "slice-and-view engine is not built" in output
+    assert code == 2, output
+    assert "no targets file" in " ".join(output.split()) and "relocate the cell first" in " ".join(output.split())
     events = [json.loads(line) for line in (tmp_path / "r" / "journal.jsonl").read_text().splitlines()]
-    assert [e["outcome"] for e in events] == ["created", "unavailable"]
+    assert [e["outcome"] for e in events] == ["created"]
 
 
 def test_run_command_refuses_invalid_protocol_before_creating_anything(cli, tmp_path):

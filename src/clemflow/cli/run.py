@@ -9,7 +9,7 @@ import typer
 from ..io.run_folder import RunFolder, RunFolderError
 from ..protocol import Protocol, ProtocolError, load_protocol
 from .app import app
-from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, console, print_problems
 from .plan import print_plan
 
 
@@ -44,10 +44,17 @@ def run(
         if code:
             raise typer.Exit(code)
     if protocol.fibsem is not None:
-        folder.journal.append("fibsem", "unavailable", reason="the slice-and-view engine is not built in this version")
-        console.print("[yellow]The FIB-SEM slice-and-view engine is not built in this version; "
-                      "the FIB-SEM part of this protocol was not run.[/yellow]")
-        raise typer.Exit(EXIT_UNAVAILABLE)
+        fibsem_command = f"clemflow fibsem run {protocol_file} --out {out}"
+        if protocol.confocal is not None and protocol.timepoints:
+            # The block is fixed, embedded and trimmed between the two instruments: days, not seconds.
+            folder.journal.append("fibsem", "later", command=fibsem_command)
+            console.print(f"The FIB-SEM part runs once the embedded block is in the FIB-SEM, from this folder's targets.json:\n"
+                          f"  {fibsem_command}")
+            return
+        from .fibsem import run as run_fibsem
+
+        run_fibsem(protocol_file=protocol_file, out=out, bridge=None, targets=None, target_name=None, slices=None,
+                   interactive=interactive, client_keys=None, server_key=None)
 
 
 def _fresh_clock(scale: float):

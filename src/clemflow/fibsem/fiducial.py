@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
-from scipy.signal import fftconvolve
+from scipy import fft as sfft
 
 __all__ = [
     "FiducialCandidate",
@@ -169,7 +169,7 @@ def normalized_cross_correlation(window: NDArray[np.floating], template: NDArray
     tnorm = math.sqrt(float((tpl * tpl).sum()))
     if tnorm == 0:
         raise LowContrastError("template is flat")
-    num = fftconvolve(win, tpl[::-1, ::-1], mode="valid")
+    num = _correlate_valid(win, tpl)
     # local sums of the window and its square over each placement, by cumulative sums
     c1 = _box_sum(win, th, tw)
     c2 = _box_sum(win * win, th, tw)
@@ -430,3 +430,16 @@ def find_fiducial_candidates(
         found.append(FiducialCandidate((float(x0 + cc + (tw - 1) / 2), float(y0 + rr + (th - 1) / 2)),
                                        float(score[rows[k], cols[k]])))
     return found
+
+
+def _correlate_valid(window: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """sum(window[i + a, j + b] * template[a, b]) for every placement inside the window ("valid" mode).
+
+    Circular correlation by FFT at the window's size: placements inside the window never wrap.
+    scipy.fft rather than scipy.signal.fftconvolve: the same numbers, and no 0.6 s scipy.signal import at
+    every start of the engine.
+    """
+    shape = [sfft.next_fast_len(int(n), real=True) for n in window.shape]
+    spectrum = sfft.rfft2(window, shape) * np.conj(sfft.rfft2(template, shape))
+    full = sfft.irfft2(spectrum, shape)
+    return full[: window.shape[0] - template.shape[0] + 1, : window.shape[1] - template.shape[1] + 1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port_pair
 from clemflow.bridge.backend import MillPattern
 from clemflow.bridge.client import BridgeClient, BridgeError, BridgeUnavailable
 from clemflow.simulators.fibsem import read_mill_log
@@ -28,19 +28,6 @@ from clemflow.simulators.fibsem import read_mill_log
 PATTERN = MillPattern("rectangle", (0.0, 0.0), 10e-6, 1e-6, 2e-6)
 
 
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free on loopback (commands, events)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
 
 
 class ServerProcess:

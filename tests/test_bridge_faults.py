@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port_pair
 from clemflow.bridge.backend import FAULT_NAMES, FrameRequest, MillPattern
 from clemflow.bridge.client import BridgeClient, BridgeError, BridgeUnavailable
 from clemflow.bridge.errors import ERRORS
@@ -213,18 +213,6 @@ def test_network_drop(bench):
 # ----------------------------------------------------------------------------- server_crash (a real process)
 
 
-def _free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
 
 
 def _serve(backend: str, address: str, root: Path) -> subprocess.Popen:
@@ -249,7 +237,7 @@ def _serve(backend: str, address: str, root: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("backend", ["sim-smartsem"])  # the crash is the instrument's, shared by both look-alikes
 def test_server_crash_mid_mill_is_reported_interrupted_after_restart(backend, tmp_path):
-    address = f"tcp://127.0.0.1:{_free_port_pair()}"
+    address = f"tcp://127.0.0.1:{free_port_pair()}"
     procs = [_serve(backend, address, tmp_path)]
     try:
         with BridgeClient(address) as client:

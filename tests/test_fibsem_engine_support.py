@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 
 import tifffile
 
+from ports import free_port_pair
 from clemflow.simulators.fibsem import read_mill_log
 
 TARGET_UM = (-2690.657, 610.085)  # a cell of the small simulated world (SimulatedFibSem.small: cell_stage_xy_m(0))
@@ -48,19 +48,6 @@ fibsem:
 """
 
 
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free on loopback (commands, events)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
 
 
 class BridgeServer:

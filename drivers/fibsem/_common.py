@@ -25,6 +25,8 @@ __all__ = [
     "LongOperations",
     "fault",
     "long_operation",
+    "match_current",
+    "optics_metadata",
     "retry_safe_for",
     "stage_report",
     "to_bit_depth",
@@ -191,3 +193,30 @@ def to_bit_depth(data: np.ndarray, bit_depth: int) -> np.ndarray:
     if bit_depth == 16:
         return data if data.dtype == np.uint16 else data.astype(np.uint16) * np.uint16(257)
     return data if data.dtype == np.uint8 else (data.astype(np.uint16) >> 8).astype(np.uint8)
+
+
+CURRENT_MATCH = 0.01  # a requested current must be within 1 % of one the column offers
+
+
+def match_current(offered: list[float], current_a: float, field: str, what: str) -> float:
+    """The column's own value for a requested current (probe / aperture); refuse one it does not offer.
+
+    ``offered`` empty: the column takes any current in its range, and the request is passed on as it is.
+    """
+    if not offered:
+        return current_a
+    best = min(offered, key=lambda v: abs(v - current_a))
+    if abs(best - current_a) > CURRENT_MATCH * current_a:
+        raise InstrumentFault(
+            "out_of_range",
+            f"{what} {current_a:.3g} A is not one the column offers (nearest {best:.3g} A)",
+            retry_safe=False,
+            details={"field": field, "available_a": sorted(offered)},
+        )
+    return best
+
+
+def optics_metadata(beam: dict[str, Any]) -> dict[str, Any]:
+    """The beam settings a frame's metadata records, from a ``beam_report`` read back after the grab."""
+    keys = ("voltage_v", "current_a", "working_distance_m", "stigmation", "beam_shift_m", "scan_rotation_deg")
+    return {key: beam[key] for key in keys}

@@ -40,7 +40,18 @@ from clemflow.bridge.backend import (
 )
 from clemflow.fibsem.estimate import RESIN_SPUTTER_YIELD_UM3_PER_NC
 
-from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
+from ._common import (
+    Context,
+    LongOperations,
+    beam_report,
+    fault,
+    long_operation,
+    match_current,
+    optics_metadata,
+    stage_report,
+    to_bit_depth,
+    wait_for,
+)
 from .autoscript_codes import wire_name
 
 __all__ = ["AutoScriptBackend"]
@@ -54,7 +65,6 @@ _SCAN_DIRECTIONS = {
     "left_to_right": "LeftToRight",
     "right_to_left": "RightToLeft",
 }
-_CURRENT_MATCH = 0.01  # a requested ion current must be within 1 % of an available one
 
 
 def _real_structures() -> Any:
@@ -175,18 +185,7 @@ class AutoScriptBackend:
         return box.get("result"), took
 
     def _match_current(self, beam_obj: Any, current_a: float, field: str, context: Context) -> float:
-        offered = [float(v) for v in self._offered(beam_obj.beam_current, context)]
-        if not offered:
-            return current_a
-        best = min(offered, key=lambda v: abs(v - current_a))
-        if abs(best - current_a) > _CURRENT_MATCH * current_a:
-            raise InstrumentFault(
-                "out_of_range",
-                f"ion current {current_a:.3g} A is not one the column offers (nearest {best:.3g} A)",
-                retry_safe=False,
-                details={"field": field, "available_a": sorted(offered)},
-            )
-        return best
+        return match_current([float(v) for v in self._offered(beam_obj.beam_current, context)], current_a, field, "ion current")
 
     # -- description and state -------------------------------------------
 
@@ -385,12 +384,7 @@ class AutoScriptBackend:
             "line_averaging": lines,
             "bit_depth": request.bit_depth,
             "native_bit_depth": native,
-            "voltage_v": beam["voltage_v"],
-            "current_a": beam["current_a"],
-            "working_distance_m": beam["working_distance_m"],
-            "stigmation": beam["stigmation"],
-            "beam_shift_m": beam["beam_shift_m"],
-            "scan_rotation_deg": beam["scan_rotation_deg"],
+            **optics_metadata(beam),
             "stage": self._stage("image"),
             "frame_time_s": data.shape[0] * data.shape[1] * dwell * lines,
             "start_time": start,

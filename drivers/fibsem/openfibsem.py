@@ -39,7 +39,18 @@ from clemflow.bridge.backend import (
     Unsupported,
 )
 
-from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
+from ._common import (
+    Context,
+    LongOperations,
+    beam_report,
+    fault,
+    long_operation,
+    match_current,
+    optics_metadata,
+    stage_report,
+    to_bit_depth,
+    wait_for,
+)
 
 __all__ = ["OpenFIBSEMBackend"]
 
@@ -58,7 +69,6 @@ _HFW_M = Range(100e-9, 2.5e-3, "m")
 _STIGMATION = Range(-1.0, 1.0)
 _BEAM_SHIFT_M = Range(-50e-6, 50e-6, "m")
 _FALLBACK_STAGE = {"x": (-50e-3, 50e-3), "y": (-50e-3, 50e-3), "z": (0.0, 40e-3), "r": (-360.0, 360.0), "t": (-10.0, 90.0)}
-_CURRENT_MATCH = 0.01  # a requested current must be within 1 % of one the column offers
 
 
 def _fibsem(module: str = "fibsem.structures") -> Any:
@@ -146,18 +156,7 @@ class OpenFIBSEMBackend:
 
     def _match_current(self, beam: BeamName, current_a: float, field: str) -> float:
         """The column's own current value equal (within 1 %) to the request; refuse otherwise."""
-        offered = [float(v) for v in self._values("current", beam)]
-        if not offered:
-            return current_a
-        best = min(offered, key=lambda v: abs(v - current_a))
-        if abs(best - current_a) > _CURRENT_MATCH * current_a:
-            raise InstrumentFault(
-                "out_of_range",
-                f"{beam} current {current_a:.3g} A is not one the column offers (nearest {best:.3g} A)",
-                retry_safe=False,
-                details={"field": field, "available_a": sorted(offered)},
-            )
-        return best
+        return match_current([float(v) for v in self._values("current", beam)], current_a, field, f"{beam} current")
 
     # -- Backend --------------------------------------------------------
 
@@ -344,12 +343,7 @@ class OpenFIBSEMBackend:
             "line_averaging": int(taken.line_integration or 1),
             "bit_depth": request.bit_depth,
             "native_bit_depth": native,
-            "voltage_v": beam["voltage_v"],
-            "current_a": beam["current_a"],
-            "working_distance_m": beam["working_distance_m"],
-            "stigmation": beam["stigmation"],
-            "beam_shift_m": beam["beam_shift_m"],
-            "scan_rotation_deg": beam["scan_rotation_deg"],
+            **optics_metadata(beam),
             "stage": self._stage("image"),
             "start_time": start,
             "end_time": end,

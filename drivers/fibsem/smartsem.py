@@ -42,7 +42,17 @@ from clemflow.bridge.backend import (
 )
 from clemflow.fibsem.estimate import RESIN_SPUTTER_YIELD_UM3_PER_NC
 
-from ._common import Context, LongOperations, beam_report, fault, long_operation, stage_report, to_bit_depth, wait_for
+from ._common import (
+    Context,
+    LongOperations,
+    beam_report,
+    fault,
+    long_operation,
+    optics_metadata,
+    stage_report,
+    to_bit_depth,
+    wait_for,
+)
 from .smartsem_codes import wire_name
 
 __all__ = ["CROSSBEAM_PROBES", "SmartSEMBackend", "parse_probe"]
@@ -458,12 +468,7 @@ class SmartSEMBackend:
             "line_averaging": lines,
             "bit_depth": request.bit_depth,
             "native_bit_depth": native,
-            "voltage_v": beam["voltage_v"],
-            "current_a": beam["current_a"],
-            "working_distance_m": beam["working_distance_m"],
-            "stigmation": beam["stigmation"],
-            "beam_shift_m": beam["beam_shift_m"],
-            "scan_rotation_deg": beam["scan_rotation_deg"],
+            **optics_metadata(beam),
             "stage": self._stage("image"),
             "frame_time_s": image.shape[0] * image.shape[1] * dwell * lines,
             "start_time": start,

@@ -15,11 +15,12 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .transforms import SliceTransform
+from .transforms import CoarseShift, SliceTransform
 
-__all__ = ["BASE_COLUMNS", "TransformsCsv", "read_transforms"]
+__all__ = ["BASE_COLUMNS", "TransformsCsv", "read_coarse", "read_transforms", "write_coarse"]
 
 BASE_COLUMNS = ("slice", "dx", "dy", "confidence", "coarse_dx", "coarse_dy", "fine_model", "a11", "a12", "a21", "a22")
+COARSE_COLUMNS = ("slice", "dx", "dy", "step_dx", "step_dy", "confidence", "fallback", "long_range")
 
 
 class TransformsCsv:
@@ -156,3 +157,40 @@ def _row(t: SliceTransform, columns: Sequence[str]) -> list[str]:
 def _num(value: float) -> str:
     value = float(value)
     return "nan" if math.isnan(value) else repr(value)
+
+
+def write_coarse(path: str | Path, shifts: Iterable[CoarseShift]) -> None:
+    """All coarse shifts of a pass at once (``coarse.csv``, atomic): an offline run that resumes skips the pass."""
+    path = Path(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COARSE_COLUMNS)
+    for c in sorted(shifts, key=lambda c: c.index):
+        writer.writerow([str(c.index), _num(c.dx), _num(c.dy), _num(c.step_dx), _num(c.step_dy), _num(c.confidence),
+                         c.fallback, "1" if c.long_range else "0"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_coarse(path: str | Path) -> dict[int, CoarseShift]:
+    """The coarse shifts in ``path`` by slice index (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out: dict[int, CoarseShift] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != COARSE_COLUMNS:
+            raise ValueError(f"{path}: not a coarse.csv (columns {reader.fieldnames}); give another output folder")
+        for line, row in enumerate(reader, start=2):
+            try:
+                out[int(row["slice"])] = CoarseShift(
+                    int(row["slice"]), float(row["dx"]), float(row["dy"]), float(row["step_dx"]),
+                    float(row["step_dy"]), float(row["confidence"]), row["fallback"] or "", row["long_range"] == "1")
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{line}: {exc}") from None
+    return out

@@ -9,6 +9,7 @@ reopens the file itself.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -78,6 +79,14 @@ class SliceSource:
                               f"{self.shape} {self.dtype}; all slices of one stack must have the same size and type")
         return image
 
+    def subset(self, indices: Sequence[int]) -> SliceSource:
+        """The same input restricted to ``indices`` (what a dask task needs to carry, not the whole listing)."""
+        keep = [i for i in indices if i in self._position]
+        clone = copy.copy(self)
+        clone.indices = tuple(keep)
+        clone._position = {index: pos for pos, index in enumerate(clone.indices)}
+        return clone
+
     def describe(self) -> dict[str, Any]:
         """What identifies this input (kind, path, slices, size): an alignment folder records it to resume safely."""
         return {"kind": self.kind, "path": str(self.path.resolve()), "slices": len(self),
@@ -126,10 +135,10 @@ class TiffStackSource(SliceSource):
         with self._lock:
             if self._tif is None:
                 self._tif = tifffile.TiffFile(self.path)
-            return self._tif.pages[pos].asarray()  # type: ignore[union-attr]
+            return self._tif.pages[self.indices[pos]].asarray()  # type: ignore[union-attr]
 
     def _where(self, pos: int) -> str:
-        return f"{self.path} page {pos}"
+        return f"{self.path} page {self.indices[pos]}"
 
     def close(self) -> None:
         with self._lock:
@@ -141,6 +150,11 @@ class TiffStackSource(SliceSource):
         state = self.__dict__.copy()
         state["_tif"], state["_lock"] = None, None
         return state
+
+    def __copy__(self) -> TiffStackSource:
+        clone = object.__new__(TiffStackSource)
+        clone.__setstate__(self.__getstate__())
+        return clone
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -170,6 +184,12 @@ class FileListSource(SliceSource):
                               "grey 2D image")
         geometry = _Geometry(shape, dtype, pixel_size_nm or pixel, slice_thickness_nm or thickness)  # type: ignore[arg-type]
         super().__init__(path, list(self.files), geometry)
+
+    def subset(self, indices: Sequence[int]) -> SliceSource:
+        clone = super().subset(indices)
+        assert isinstance(clone, FileListSource)
+        clone.files = {i: self.files[i] for i in clone.indices}
+        return clone
 
     def _read(self, pos: int) -> NDArray[Any]:
         file = self.files[self.indices[pos]]

@@ -1,0 +1,356 @@
+"""PNG views of an alignment for the operator: reslices of the aligned volume, drift and QC over slice number.
+
+They are redrawn every few slices during a run and once by ``clemflow qc
+report``, so each reads only what it draws (one row and one column of every
+slice for the reslices) and takes well under a second for 500 slices of
+512 x 512. Figures are drawn on their own Agg canvas (no pyplot state, so a
+background thread may draw them) and replace the old PNG in one rename, so a
+viewer never shows a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "VolumeGeometry",
+    "read_columns",
+    "volume_geometry",
+    "write_drift_plot",
+    "write_qc_plot",
+    "write_reslices",
+]
+
+ALIGNED = "aligned.ome.zarr"
+TRANSFORMS = "transforms.csv"
+QC = "qc.csv"
+
+_KIND_COLOURS = {
+    "defocus": "tab:purple", "charging": "tab:orange", "curtaining": "tab:brown", "drift_jump": "tab:red",
+    "duplicate": "tab:pink", "missing": "black", "low_ncc": "tab:olive", "low_confidence": "tab:cyan",
+}
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+class VolumeGeometry:
+    """Pixel size and slice thickness of an OME-Zarr volume, in micrometres (z, y, x scale of level 0)."""
+
+    def __init__(self, z_um: float, y_um: float, x_um: float) -> None:
+        self.z_um, self.y_um, self.x_um = float(z_um), float(y_um), float(x_um)
+
+    def __repr__(self) -> str:
+        return f"VolumeGeometry(z_um={self.z_um:g}, y_um={self.y_um:g}, x_um={self.x_um:g})"
+
+
+def _open_levels(path: Path) -> list[tuple[Any, VolumeGeometry]]:
+    """Every resolution level (z, y, x) of an OME-Zarr store with its voxel size, finest first."""
+    import zarr
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no aligned volume here (expected an OME-Zarr written by `clemflow align`)")
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests under "ome"; 0.4 has multiscales at the top
+    try:
+        ms = ome["multiscales"][0]
+        axes = [a["name"] for a in ms["axes"]]
+        units = [a.get("unit", "micrometer") for a in ms["axes"]]
+        levels = []
+        for ds in ms["datasets"]:
+            scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
+            size = {n: float(s) * _UNIT_UM.get(u, 1.0) for n, s, u in zip(axes, scale, units)}
+            levels.append((group[ds["path"]], VolumeGeometry(size["z"], size["y"], size["x"])))
+    except (KeyError, IndexError, StopIteration, TypeError) as exc:
+        raise ValueError(f"{path}: not an OME-Zarr image with z, y, x axes and a scale per level in its "
+                         "attributes; write it with clemflow's aligned-volume writer") from exc
+    if not levels:
+        raise ValueError(f"{path}: its multiscales list no dataset")
+    return levels
+
+
+_UNIT_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
+
+
+def _open_volume(path: Path, display_px: int | None = None) -> tuple[Any, VolumeGeometry]:
+    """Level 0, or with ``display_px`` the coarsest level still at least that wide (a picture needs no more)."""
+    levels = _open_levels(path)
+    if display_px is None:
+        return levels[0]
+    wide = [lv for lv in levels if min(lv[0].shape[1:]) >= display_px]
+    return wide[-1] if wide else levels[0]
+
+
+def volume_geometry(out_dir: str | os.PathLike[str]) -> VolumeGeometry:
+    """Voxel size of ``out_dir``/aligned.ome.zarr (level 0)."""
+    return _open_volume(Path(out_dir) / ALIGNED)[1]
+
+
+def read_columns(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
+    """A CSV as named columns: numbers where every row has one (NaN for blanks), else strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        names = list(rows[0].keys()) if rows else []
+    cols: dict[str, NDArray[Any]] = {}
+    for name in names:
+        if name is None:  # a row with more cells than the header
+            continue
+        raw = [r.get(name) or "" for r in rows]
+        try:
+            cols[name] = np.array([float(v) if v.strip() else np.nan for v in raw])
+        except ValueError:
+            cols[name] = np.array(raw, dtype=object)
+    return cols
+
+
+def _is_numeric(col: NDArray[Any]) -> bool:
+    return col.dtype.kind == "f" and bool(np.isfinite(col).any())
+
+
+# --- drawing -----------------------------------------------------------------------------------------------------
+
+
+def _figure(width_in: float, height_in: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in))  # fixed margins: a layout engine would double the drawing time
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _margins(fig: Any, left: float = 0.75, right: float = 0.2, top: float = 0.45, bottom: float = 0.5,
+             hspace: float = 0.5, wspace: float = 0.25) -> None:
+    """Margins in inches, so text keeps its room whatever the figure's size."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h,
+                        hspace=hspace, wspace=wspace)
+
+
+def _save(fig: Any, path: Path, dpi: float = 100) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi, pil_kwargs={"compress_level": 1})  # fast to write; size matters less here
+    os.replace(tmp, path)
+    return path
+
+
+def _grey_limits(*images: NDArray[Any]) -> tuple[float, float]:
+    vals = np.concatenate([np.asarray(im, dtype=np.float32).ravel() for im in images])
+    vals = vals[vals != 0]  # 0 is the empty field outside the aligned slice
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, (0.5, 99.5))
+    return float(lo), float(max(hi, lo + 1))
+
+
+def _trim_unwritten(section: NDArray[Any]) -> NDArray[Any]:
+    """Drop trailing all-zero rows: slices the live writer has not reached yet."""
+    written = np.flatnonzero(np.any(section != 0, axis=1))
+    return section[: written[-1] + 1] if written.size else section[:0]
+
+
+def _reslice_pair(volume: Any, n: int | None = None, block: int = 64) -> tuple[NDArray[Any], NDArray[Any]]:
+    """(xz through the middle row, yz through the middle column), z down, each trimmed to the written slices.
+
+    Read in blocks of whole slices, so each chunk is fetched and decoded once for both sections.
+    """
+    nz, ny, nx = volume.shape
+    nz = nz if n is None else min(nz, n)
+    xz = np.empty((nz, nx), dtype=volume.dtype)
+    yz = np.empty((nz, ny), dtype=volume.dtype)
+    for z0 in range(0, nz, block):
+        part = np.asarray(volume[z0: min(nz, z0 + block)])
+        xz[z0: z0 + len(part)] = part[:, ny // 2, :]
+        yz[z0: z0 + len(part)] = part[:, :, nx // 2]
+    keep = max(len(_trim_unwritten(xz)), len(_trim_unwritten(yz)))
+    return xz[:keep], yz[:keep]
+
+
+def _draw_section(ax: Any, section: NDArray[Any], lateral_um: float, z_um: float, limits: tuple[float, float],
+                  title: str, lateral_name: str) -> None:
+    extent = (0.0, section.shape[1] * lateral_um, section.shape[0] * z_um, 0.0)
+    ax.imshow(section, cmap="gray", vmin=limits[0], vmax=limits[1], extent=extent, aspect="equal",
+              interpolation="antialiased")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(f"{lateral_name} (µm)")
+    ax.set_ylabel("z (µm, milling direction)")
+    ax.tick_params(labelsize=8)
+
+
+def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, display_px: int = 1024) -> list[Path]:
+    """Write reslice_xz.png and reslice_yz.png of ``out_dir``/aligned.ome.zarr through the middle row and column.
+
+    z is drawn to scale (slice thickness against pixel size), so structures
+    keep their true proportions; axes are labelled in µm. With ``raw`` (an
+    array-like (z, y, x) of the unaligned input, same shape) the unaligned
+    reslice is drawn beside the aligned one, so the gain of alignment shows.
+    A volume wider than ``display_px`` is read from its coarsest level that is
+    still that wide (fewer bytes for the same picture).
+    """
+    out = Path(out_dir)
+    volume, geo = _open_volume(out / ALIGNED, display_px=None if raw is not None else display_px)
+    xz, yz = _reslice_pair(volume)
+    if len(xz) == 0:
+        raise ValueError(f"{out / ALIGNED}: no slice written yet, nothing to reslice")
+    raw_xz = raw_yz = None
+    if raw is not None:
+        if tuple(raw.shape[1:]) != tuple(volume.shape[1:]):
+            raise ValueError(f"raw stack has slices of shape {tuple(raw.shape[1:])}, the aligned volume "
+                             f"{tuple(volume.shape[1:])}: give the input the alignment was run on")
+        raw_xz, raw_yz = _reslice_pair(raw, n=len(xz))
+    written = []
+    for name, sec, raw_sec, lateral_um, lateral in (("reslice_xz.png", xz, raw_xz, geo.x_um, "x"),
+                                                    ("reslice_yz.png", yz, raw_yz, geo.y_um, "y")):
+        panels = [("aligned", sec)] if raw_sec is None else [("unaligned", raw_sec), ("aligned", sec)]
+        width_um, depth_um = sec.shape[1] * lateral_um, sec.shape[0] * geo.z_um
+        panel_w = min(8.0, max(3.0, sec.shape[1] / 100))  # inches; about one screen pixel per voxel up to 800
+        panel_h = float(np.clip(panel_w * depth_um / width_um, 0.5, 13.0))  # true proportions unless extreme
+        n = len(panels)
+        fig = _figure(n * panel_w + 0.75 + 0.6 * n, panel_h + 0.95)
+        _margins(fig, left=0.75, right=0.15, top=0.4, bottom=0.55, wspace=0.6 / panel_w)
+        axes = fig.subplots(1, n, squeeze=False)[0]
+        limits = _grey_limits(*(p for _, p in panels))
+        where = f"middle {'row' if lateral == 'x' else 'column'}"
+        for ax, (label, section) in zip(axes, panels):
+            _draw_section(ax, section, lateral_um, geo.z_um, limits,
+                          f"{label} {lateral}z reslice, {where}, {len(section)} slices", lateral)
+        written.append(_save(fig, out / name, dpi=max(100, sec.shape[1] / panel_w)))
+    return written
+
+
+def write_drift_plot(out_dir: str | os.PathLike[str]) -> Path:
+    """Write drift.png from ``out_dir``/transforms.csv: translation, the fine stage's share, and confidence over slice."""
+    out = Path(out_dir)
+    cols = read_columns(out / TRANSFORMS)
+    missing = [c for c in ("slice", "dx", "dy") if c not in cols]
+    if missing:
+        raise ValueError(f"{out / TRANSFORMS}: no column {', '.join(missing)}; expected slice,dx,dy,confidence,...")
+    z = cols["slice"]
+    fine = _fine_columns(cols)
+    fig = _figure(9.0, 7.0 if fine else 5.0)
+    _margins(fig, left=0.85, hspace=0.35)
+    axes = fig.subplots(3 if fine else 2, 1, sharex=True)
+    ax = axes[0]
+    for name, colour in (("dx", "tab:blue"), ("dy", "tab:orange")):
+        ax.plot(z, cols[name], color=colour, lw=1.2, label=f"{name} (final)")
+        if _is_numeric(cols.get(f"coarse_{name}", np.array([]))):
+            ax.plot(z, cols[f"coarse_{name}"], color=colour, lw=0.8, ls="--", alpha=0.7, label=f"coarse_{name}")
+    ax.set_ylabel("shift applied (px)")
+    ax.set_title("translation applied to each input slice (+dx right, +dy down)", fontsize=9)
+    ax.legend(fontsize=7, ncols=4, loc="best")
+    if fine:
+        ax = axes[1]
+        for label, values in fine.items():
+            ax.plot(z, values, lw=0.9, label=label)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.set_ylabel("fine stage")
+        ax.set_title("fine stage: translation beyond coarse (px), linear part − identity (×1000)", fontsize=9)
+        ax.legend(fontsize=7, ncols=4, loc="best")
+    ax = axes[-1]
+    if _is_numeric(cols.get("confidence", np.array([]))):
+        conf = cols["confidence"]
+        ax.plot(z, conf, color="tab:green", lw=0.9)
+        if np.nanmin(conf) > 0 and np.nanmax(conf) > 20 * np.nanmin(conf):
+            ax.set_yscale("log")
+    ax.set_ylabel("confidence (PSR)")
+    ax.set_xlabel("slice")
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.tick_params(labelsize=8)
+    return _save(fig, out / "drift.png")
+
+
+def _fine_columns(cols: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
+    """The fine stage's numbers worth drawing: residual translation, linear deviations (x1000), extra parameters."""
+    fine: dict[str, NDArray[Any]] = {}
+    for name in ("dx", "dy"):
+        if _is_numeric(cols.get(f"coarse_{name}", np.array([]))):
+            d = cols[name] - cols[f"coarse_{name}"]
+            if np.nanmax(np.abs(d)) > 0:
+                fine[f"{name} − coarse"] = d
+    for name, identity in (("a11", 1.0), ("a12", 0.0), ("a21", 0.0), ("a22", 1.0)):
+        if _is_numeric(cols.get(name, np.array([]))):
+            d = (cols[name] - identity) * 1000.0
+            if np.nanmax(np.abs(d)) > 0:
+                fine[f"{name} − {identity:g} (×1000)"] = d
+    known = {"slice", "dx", "dy", "confidence", "coarse_dx", "coarse_dy", "fine_model", "a11", "a12", "a21", "a22"}
+    for name, col in cols.items():
+        if name not in known and _is_numeric(col):
+            fine[name] = col
+    return fine
+
+
+def _alert_slices(slices: NDArray[Any], alerts: Sequence[str]) -> dict[str, NDArray[Any]]:
+    by_kind: dict[str, list[float]] = {}
+    for z, cell in zip(slices, alerts):
+        for kind in filter(None, (k.strip() for k in str(cell or "").split(";"))):
+            by_kind.setdefault(kind, []).append(float(z))
+    return {k: np.asarray(v) for k, v in sorted(by_kind.items())}
+
+
+def write_qc_plot(out_dir: str | os.PathLike[str], columns: Iterable[str] | None = None) -> Path:
+    """Write qc.png from ``out_dir``/qc.csv: every numeric QC measure over slice, slices with alerts marked by kind."""
+    out = Path(out_dir)
+    cols = read_columns(out / QC)
+    if "slice" not in cols:
+        raise ValueError(f"{out / QC}: no 'slice' column; expected slice, one column per QC measure, alerts")
+    z = cols["slice"]
+    names = [n for n in (columns or cols) if n not in ("slice", "alerts") and n in cols and _is_numeric(cols[n])]
+    if not names:
+        raise ValueError(f"{out / QC}: no numeric QC column to draw")
+    alerts = _alert_slices(z, cols.get("alerts", np.array([""] * len(z), dtype=object)))
+    ncols = 2 if len(names) > 3 else 1
+    nrows = -(-len(names) // ncols)
+    legend_in = 0.35 * -(-len(alerts) // 4) if alerts else 0.0
+    fig = _figure(9.0 if ncols == 2 else 8.0, 1.0 + legend_in + 1.45 * nrows)
+    _margins(fig, left=0.6, top=0.5, bottom=0.45 + legend_in, hspace=0.45, wspace=0.2)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        ax.plot(z, cols[name], color="0.15", lw=0.8)
+        ax.set_title(name, fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        for kind, where in alerts.items():
+            ax.vlines(where, 0, 1, transform=ax.get_xaxis_transform(), colors=_KIND_COLOURS.get(kind, "tab:red"),
+                      lw=0.8, alpha=0.6, label=kind)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[max(0, len(names) - ncols): len(names)]:
+        ax.set_xlabel("slice", fontsize=8)
+    n_alerts = sum(len(v) for v in alerts.values())
+    title = f"live QC, {len(z)} slices, {n_alerts} alert{'s' if n_alerts != 1 else ''}"
+    if alerts:
+        handles = [axes[0].plot([], [], color=_KIND_COLOURS.get(k, "tab:red"), lw=2)[0] for k in alerts]
+        fig.legend(handles, [f"{k} ({len(v)})" for k, v in alerts.items()], loc="lower center",
+                   ncols=min(4, len(alerts)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out / "qc.png")
+
+
+def read_alert_kinds(out_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Alerts by kind from ``out_dir``/alerts.jsonl (one JSON object per line with a "kind")."""
+    counts: dict[str, int] = {}
+    path = Path(out_dir) / "alerts.jsonl"
+    if not path.is_file():
+        return counts
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            kind = str(json.loads(line)["kind"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: not an alert (a JSON object with a 'kind')") from exc
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))

@@ -197,13 +197,14 @@ def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, disp
     array-like (z, y, x) of the unaligned input, same shape) the unaligned
     reslice is drawn beside the aligned one, so the gain of alignment shows.
     A volume wider than ``display_px`` is read from its coarsest level that is
-    still that wide (fewer bytes for the same picture).
+    still that wide (fewer bytes for the same picture). Returns the PNGs
+    written: none while no slice has been written.
     """
     out = Path(out_dir)
     volume, geo = _open_volume(out / ALIGNED, display_px=None if raw is not None else display_px)
     xz, yz = _reslice_pair(volume)
     if len(xz) == 0:
-        raise ValueError(f"{out / ALIGNED}: no slice written yet, nothing to reslice")
+        return []  # no slice written yet: nothing to draw
     raw_xz = raw_yz = None
     if raw is not None:
         if tuple(raw.shape[1:]) != tuple(volume.shape[1:]):

@@ -36,11 +36,14 @@ def to_uint8(image: NDArray[Any]) -> NDArray[np.uint8]:
 
 
 def display_slice(image: NDArray[Any], *, tiles: int = 8, clip_limit: float = 0.01, sigma_px: float = 0.8,
-                  binning: int = 2) -> NDArray[np.uint8]:
+                  binning: int | None = None) -> NDArray[np.uint8]:
     """CLAHE (tile histograms on a ``binning``-binned copy, ``tiles`` x ``tiles`` tiles) then a Gaussian of ``sigma_px``.
 
-    ``clip_limit`` is skimage's normalised clip limit (a fraction of a tile's pixel count per grey level).
+    ``clip_limit`` is skimage's normalised clip limit (a fraction of a tile's pixel count per grey level; 0.01 is
+    about Fiji's maximum slope 3). ``binning`` None bins by 2 from 1024 px up, where tiles hold plenty of pixels.
     """
+    if binning is None:
+        binning = 2 if min(np.shape(image)[:2]) >= 1024 else 1
     if tiles < 1 or binning < 1:
         raise ValueError(f"tiles and binning must be at least 1 (got tiles={tiles}, binning={binning})")
     grey = to_uint8(image)

@@ -155,7 +155,7 @@ def _row(t: SliceTransform, columns: Sequence[str]) -> list[str]:
 
 
 def _num(value: float) -> str:
-    value = float(value)
+    value = float(value) + 0.0  # -0.0 -> 0.0
     return "nan" if math.isnan(value) else repr(value)
 
 

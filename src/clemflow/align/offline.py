@@ -77,10 +77,12 @@ class OfflineResult:
 def align_offline(input_path: str | Path, out_dir: str | Path, settings: Alignment | None = None, *,
                   scheduler: str | Any | None = None, chunk: int = 32, workers: int | None = None,
                   pixel_size_nm: float | None = None, slice_thickness_nm: float | None = None,
-                  display: bool = True, console: Console | None = None, progress: bool = True) -> OfflineResult:
+                  display: bool = True, report: bool = True, console: Console | None = None,
+                  progress: bool = True) -> OfflineResult:
     """Align ``input_path`` into ``out_dir``; ``scheduler`` None (in-process), "local", an address or a Client.
 
-    ``pixel_size_nm`` / ``slice_thickness_nm`` override what the input's metadata says (or fill it in).
+    ``pixel_size_nm`` / ``slice_thickness_nm`` override what the input's metadata says (or fill it in);
+    ``report`` False skips the QC report (plots and qc.csv) after the run.
     """
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: a chunk holds at least one slice")
@@ -118,7 +120,8 @@ def align_offline(input_path: str | Path, out_dir: str | Path, settings: Alignme
             aligned += table.write_many(transforms)
             bar.advance(task, len(transforms))
     table.sort()
-    _write_report(out, console, notes)
+    if report:
+        _write_report(out, console, notes)
     return OfflineResult(out, read_transforms(out / TRANSFORMS), aligned, len(source) - len(todo), reused, notes)
 
 

@@ -24,6 +24,7 @@ def align(
     pixel_size: float = typer.Option(None, "--pixel-size", min=0.0, help="Pixel size in nm, if the input lacks it."),
     slice_thickness: float = typer.Option(None, "--slice-thickness", min=0.0, help="Slice thickness in nm."),
     no_display: bool = typer.Option(False, "--no-display", help="Skip the CLAHE display copy."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the QC report (plots, qc.csv) after aligning."),
 ) -> None:
     """Coarse (streaming) then fine alignment; writes aligned.ome.zarr, display.ome.zarr and transforms.csv.
 
@@ -48,7 +49,7 @@ def align(
     try:
         result = align_offline(input_path, out, settings, scheduler=scheduler, chunk=chunk, workers=workers,
                                pixel_size_nm=pixel_size or None, slice_thickness_nm=slice_thickness or None,
-                               display=not no_display, console=console)
+                               display=not no_display, report=not no_report, console=console)
     except SourceError as exc:
         console.print(f"[red]✗[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None

@@ -64,6 +64,6 @@ def align(
         raise
     for note in result.notes:
         console.print(f"[yellow]![/yellow] {escape(note)}", soft_wrap=True)
-    console.print(f"[green]✓[/green] {len(result.transforms)} slices in {escape(str(result.out))}: {result.aligned} "
+    console.print(f"[green]✓[/green] {len(result.transforms)} slices in {escape(str(result.out_dir))}: {result.aligned} "
                   "aligned now" + (f", {result.resumed} from before" if result.resumed else "")
                   + (" (coarse shifts from coarse.csv)" if result.coarse_reused else ""))

@@ -43,51 +43,39 @@ _KIND_COLOURS = {
 
 
 class VolumeGeometry:
-    """Pixel size and slice thickness of an OME-Zarr volume, in micrometres (z, y, x scale of level 0)."""
+    """Voxel size of one level of an aligned volume: z, y, x in ``unit`` ("µm", or "px" when the store has none)."""
 
-    def __init__(self, z_um: float, y_um: float, x_um: float) -> None:
-        self.z_um, self.y_um, self.x_um = float(z_um), float(y_um), float(x_um)
+    def __init__(self, z: float, y: float, x: float, unit: str = "µm") -> None:
+        self.z, self.y, self.x, self.unit = float(z), float(y), float(x), unit
 
     def __repr__(self) -> str:
-        return f"VolumeGeometry(z_um={self.z_um:g}, y_um={self.y_um:g}, x_um={self.x_um:g})"
-
-
-def _open_levels(path: Path) -> list[tuple[Any, VolumeGeometry]]:
-    """Every resolution level (z, y, x) of an OME-Zarr store with its voxel size, finest first."""
-    import zarr
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no aligned volume here (expected an OME-Zarr written by `clemflow align`)")
-    group = zarr.open_group(str(path), mode="r")
-    attrs = dict(group.attrs)
-    ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests under "ome"; 0.4 has multiscales at the top
-    try:
-        ms = ome["multiscales"][0]
-        axes = [a["name"] for a in ms["axes"]]
-        units = [a.get("unit", "micrometer") for a in ms["axes"]]
-        levels = []
-        for ds in ms["datasets"]:
-            scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
-            size = {n: float(s) * _UNIT_UM.get(u, 1.0) for n, s, u in zip(axes, scale, units)}
-            levels.append((group[ds["path"]], VolumeGeometry(size["z"], size["y"], size["x"])))
-    except (KeyError, IndexError, StopIteration, TypeError) as exc:
-        raise ValueError(f"{path}: not an OME-Zarr image with z, y, x axes and a scale per level in its "
-                         "attributes; write it with clemflow's aligned-volume writer") from exc
-    if not levels:
-        raise ValueError(f"{path}: its multiscales list no dataset")
-    return levels
+        return f"VolumeGeometry(z={self.z:g}, y={self.y:g}, x={self.x:g}, unit={self.unit!r})"
 
 
 _UNIT_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
 
 
 def _open_volume(path: Path, display_px: int | None = None) -> tuple[Any, VolumeGeometry]:
-    """Level 0, or with ``display_px`` the coarsest level still at least that wide (a picture needs no more)."""
-    levels = _open_levels(path)
-    if display_px is None:
-        return levels[0]
-    wide = [lv for lv in levels if min(lv[0].shape[1:]) >= display_px]
-    return wide[-1] if wide else levels[0]
+    """Level 0 of the aligned volume, or with ``display_px`` its 2x level when that is still so wide."""
+    from ..align.volume import read_scale, read_volume
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no aligned volume here (expected an OME-Zarr written by `clemflow align`)")
+    level = 0
+    if display_px is not None and min(read_volume(path, 0).shape[1:]) >= 2 * display_px:
+        try:
+            read_scale(path, 1)
+            level = 1
+        except ValueError:  # no 2x level in this store
+            pass
+    (z, y, x), units = read_scale(path, level)
+    unit = units[-1]
+    if unit is None:
+        return read_volume(path, level), VolumeGeometry(z, y, x, "px")
+    if unit not in _UNIT_UM:
+        raise ValueError(f"{path}: unit {unit!r} on the x axis; expected micrometer, nanometer or millimeter")
+    f = _UNIT_UM[unit]
+    return read_volume(path, level), VolumeGeometry(z * f, y * f, x * f)
 
 
 def volume_geometry(out_dir: str | os.PathLike[str]) -> VolumeGeometry:
@@ -96,22 +84,42 @@ def volume_geometry(out_dir: str | os.PathLike[str]) -> VolumeGeometry:
 
 
 def read_columns(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
-    """A CSV as named columns: numbers where every row has one (NaN for blanks), else strings."""
+    """A CSV with a "slice" column as named columns in slice order: numbers (NaN for blanks), else strings."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-        names = list(rows[0].keys()) if rows else []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        names = [n for n in reader.fieldnames or []]
+        rows = [r for r in reader if r.get("slice") and None not in r.values()]  # drops a torn last line
     cols: dict[str, NDArray[Any]] = {}
     for name in names:
-        if name is None:  # a row with more cells than the header
-            continue
         raw = [r.get(name) or "" for r in rows]
         try:
             cols[name] = np.array([float(v) if v.strip() else np.nan for v in raw])
         except ValueError:
             cols[name] = np.array(raw, dtype=object)
+    if "slice" in cols and cols["slice"].dtype.kind == "f":
+        order = np.argsort(cols["slice"], kind="stable")  # parallel writers may append out of order
+        cols = {k: v[order] for k, v in cols.items()}
+    return cols
+
+
+def transform_columns(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
+    """transforms.csv as columns, through clemflow.align.csvio (its checks, one row per slice, slice order)."""
+    from ..align.csvio import read_transforms
+
+    rows = read_transforms(path)
+    cols: dict[str, NDArray[Any]] = {
+        "slice": np.array([t.index for t in rows], float),
+        "dx": np.array([t.dx for t in rows]), "dy": np.array([t.dy for t in rows]),
+        "confidence": np.array([t.confidence for t in rows]),
+        "coarse_dx": np.array([t.coarse_dx for t in rows]), "coarse_dy": np.array([t.coarse_dy for t in rows]),
+    }
+    for k, name in enumerate(("a11", "a12", "a21", "a22")):
+        cols[name] = np.array([t.linear[k] for t in rows])
+    for name in sorted({k for t in rows for k in t.extra}):
+        cols[name] = np.array([t.extra.get(name, np.nan) for t in rows])
     return cols
 
 
@@ -178,14 +186,14 @@ def _reslice_pair(volume: Any, n: int | None = None, block: int = 64) -> tuple[N
     return xz[:keep], yz[:keep]
 
 
-def _draw_section(ax: Any, section: NDArray[Any], lateral_um: float, z_um: float, limits: tuple[float, float],
-                  title: str, lateral_name: str) -> None:
-    extent = (0.0, section.shape[1] * lateral_um, section.shape[0] * z_um, 0.0)
+def _draw_section(ax: Any, section: NDArray[Any], lateral: float, z: float, unit: str,
+                  limits: tuple[float, float], title: str, lateral_name: str) -> None:
+    extent = (0.0, section.shape[1] * lateral, section.shape[0] * z, 0.0)
     ax.imshow(section, cmap="gray", vmin=limits[0], vmax=limits[1], extent=extent, aspect="equal",
               interpolation="antialiased")
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel(f"{lateral_name} (µm)")
-    ax.set_ylabel("z (µm, milling direction)")
+    ax.set_xlabel(f"{lateral_name} ({unit})")
+    ax.set_ylabel(f"z ({unit}, milling direction)")
     ax.tick_params(labelsize=8)
 
 
@@ -193,12 +201,12 @@ def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, disp
     """Write reslice_xz.png and reslice_yz.png of ``out_dir``/aligned.ome.zarr through the middle row and column.
 
     z is drawn to scale (slice thickness against pixel size), so structures
-    keep their true proportions; axes are labelled in µm. With ``raw`` (an
-    array-like (z, y, x) of the unaligned input, same shape) the unaligned
-    reslice is drawn beside the aligned one, so the gain of alignment shows.
-    A volume wider than ``display_px`` is read from its coarsest level that is
-    still that wide (fewer bytes for the same picture). Returns the PNGs
-    written: none while no slice has been written.
+    keep their true proportions; axes are in µm (px for a store without
+    physical sizes). With ``raw`` (an array-like (z, y, x) of the unaligned
+    input, same shape) the unaligned reslice is drawn beside the aligned one,
+    so the gain of alignment shows. A volume at least twice ``display_px``
+    wide is read from its 2x level (a quarter of the bytes for the same
+    picture). Returns the PNGs written: none while no slice has been written.
     """
     out = Path(out_dir)
     volume, geo = _open_volume(out / ALIGNED, display_px=None if raw is not None else display_px)
@@ -212,12 +220,12 @@ def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, disp
                              f"{tuple(volume.shape[1:])}: give the input the alignment was run on")
         raw_xz, raw_yz = _reslice_pair(raw, n=len(xz))
     written = []
-    for name, sec, raw_sec, lateral_um, lateral in (("reslice_xz.png", xz, raw_xz, geo.x_um, "x"),
-                                                    ("reslice_yz.png", yz, raw_yz, geo.y_um, "y")):
+    for name, sec, raw_sec, step, lateral in (("reslice_xz.png", xz, raw_xz, geo.x, "x"),
+                                              ("reslice_yz.png", yz, raw_yz, geo.y, "y")):
         panels = [("aligned", sec)] if raw_sec is None else [("unaligned", raw_sec), ("aligned", sec)]
-        width_um, depth_um = sec.shape[1] * lateral_um, sec.shape[0] * geo.z_um
+        width, depth = sec.shape[1] * step, sec.shape[0] * geo.z
         panel_w = min(8.0, max(3.0, sec.shape[1] / 100))  # inches; about one screen pixel per voxel up to 800
-        panel_h = float(np.clip(panel_w * depth_um / width_um, 0.5, 13.0))  # true proportions unless extreme
+        panel_h = float(np.clip(panel_w * depth / width, 0.5, 13.0))  # true proportions unless extreme
         n = len(panels)
         fig = _figure(n * panel_w + 0.75 + 0.6 * n, panel_h + 0.95)
         _margins(fig, left=0.75, right=0.15, top=0.4, bottom=0.55, wspace=0.6 / panel_w)
@@ -225,7 +233,7 @@ def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, disp
         limits = _grey_limits(*(p for _, p in panels))
         where = f"middle {'row' if lateral == 'x' else 'column'}"
         for ax, (label, section) in zip(axes, panels):
-            _draw_section(ax, section, lateral_um, geo.z_um, limits,
+            _draw_section(ax, section, step, geo.z, geo.unit, limits,
                           f"{label} {lateral}z reslice, {where}, {len(section)} slices", lateral)
         written.append(_save(fig, out / name, dpi=max(100, sec.shape[1] / panel_w)))
     return written
@@ -234,10 +242,9 @@ def write_reslices(out_dir: str | os.PathLike[str], raw: Any | None = None, disp
 def write_drift_plot(out_dir: str | os.PathLike[str]) -> Path:
     """Write drift.png from ``out_dir``/transforms.csv: translation, the fine stage's share, and confidence over slice."""
     out = Path(out_dir)
-    cols = read_columns(out / TRANSFORMS)
-    missing = [c for c in ("slice", "dx", "dy") if c not in cols]
-    if missing:
-        raise ValueError(f"{out / TRANSFORMS}: no column {', '.join(missing)}; expected slice,dx,dy,confidence,...")
+    cols = transform_columns(out / TRANSFORMS)
+    if len(cols["slice"]) == 0:
+        raise ValueError(f"{out / TRANSFORMS}: no slice aligned yet, no drift to draw")
     z = cols["slice"]
     fine = _fine_columns(cols)
     fig = _figure(9.0, 7.0 if fine else 5.0)
@@ -316,7 +323,7 @@ def write_qc_plot(out_dir: str | os.PathLike[str], columns: Iterable[str] | None
     nrows = -(-len(names) // ncols)
     legend_in = 0.35 * -(-len(alerts) // 4) if alerts else 0.0
     fig = _figure(9.0 if ncols == 2 else 8.0, 1.0 + legend_in + 1.45 * nrows)
-    _margins(fig, left=0.6, top=0.5, bottom=0.45 + legend_in, hspace=0.45, wspace=0.2)
+    _margins(fig, left=0.6, top=0.65, bottom=0.45 + legend_in, hspace=0.45, wspace=0.2)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
     for ax, name in zip(axes, names):
         ax.plot(z, cols[name], color="0.15", lw=0.8)
@@ -328,15 +335,16 @@ def write_qc_plot(out_dir: str | os.PathLike[str], columns: Iterable[str] | None
                       lw=0.8, alpha=0.6, label=kind)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    for ax in axes[max(0, len(names) - ncols): len(names)]:
+    for ax in axes[max(0, len(names) - ncols): len(names)]:  # the lowest drawn panel of each column
         ax.set_xlabel("slice", fontsize=8)
+        ax.xaxis.set_tick_params(labelbottom=True)
     n_alerts = sum(len(v) for v in alerts.values())
     title = f"live QC, {len(z)} slices, {n_alerts} alert{'s' if n_alerts != 1 else ''}"
     if alerts:
         handles = [axes[0].plot([], [], color=_KIND_COLOURS.get(k, "tab:red"), lw=2)[0] for k in alerts]
         fig.legend(handles, [f"{k} ({len(v)})" for k, v in alerts.items()], loc="lower center",
                    ncols=min(4, len(alerts)), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
     return _save(fig, out / "qc.png")
 
 

@@ -63,10 +63,9 @@ def summarize(out_dir: str | os.PathLike[str]) -> ReportSummary:
     d = alignment_dir(out_dir)
     slices, dx, dy = 0, (math.nan, math.nan), (math.nan, math.nan)
     if (d / plots.TRANSFORMS).is_file():
-        cols = plots.read_columns(d / plots.TRANSFORMS)
-        if cols:
-            slices = len(next(iter(cols.values())))
-            dx, dy = _range(cols.get("dx", np.array([]))), _range(cols.get("dy", np.array([])))
+        cols = plots.transform_columns(d / plots.TRANSFORMS)
+        slices = len(cols["slice"])
+        dx, dy = _range(cols["dx"]), _range(cols["dy"])
     qc_slices, ncc, kinds = 0, math.nan, {}
     if (d / plots.QC).is_file():
         qc = plots.read_columns(d / plots.QC)

@@ -60,7 +60,7 @@ def _progress() -> Progress:
 
 def figure(name: str, value: float, unit: str, goal: str = "", ratio: str = "") -> None:
     """One line: figure, value, goal, ratio to elastix (or to the goal where there is no elastix)."""
-    print(f"{name:<52} {value:>10.3f} {unit:<9} {goal:<14} {ratio}", flush=True)
+    print(f"{name:<60} {value:>10.3f} {unit:<9} {goal:<14} {ratio}", flush=True)
 
 
 # --- the slices --------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     stack, truth = render_specimen(args.slices, 2048, 5.0, 10.0, imp, drift, f"rendering {args.slices} x 2048^2")
     console.print(f"{args.slices} slices of 2048 x 2048 at 5 nm, 10 nm thick, drift with jumps at "
                   f"{list(drift.jumps(args.slices - 1))} ({time.perf_counter() - t0:.0f} s to render); one core\n")
-    print(f"{'figure':<52} {'value':>10} {'unit':<9} {'goal':<14} ratio to elastix", flush=True)
+    print(f"{'figure':<60} {'value':>10} {'unit':<9} {'goal':<14} ratio to elastix", flush=True)
 
     coarse_rate, shifts = time_coarse(stack, settings)
     fine_rate = time_fine(stack, shifts, settings, fine_indices(len(stack), settings.fine_radius, args.fine_slices))

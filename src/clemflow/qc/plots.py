@@ -10,8 +10,6 @@ viewer never shows a half-written file.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +20,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "VolumeGeometry",
-    "read_columns",
+    "qc_columns",
     "volume_geometry",
     "write_drift_plot",
     "write_qc_plot",
@@ -83,26 +81,14 @@ def volume_geometry(out_dir: str | os.PathLike[str]) -> VolumeGeometry:
     return _open_volume(Path(out_dir) / ALIGNED)[1]
 
 
-def read_columns(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
-    """A CSV with a "slice" column as named columns in slice order: numbers (NaN for blanks), else strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        names = [n for n in reader.fieldnames or []]
-        rows = [r for r in reader if r.get("slice") and None not in r.values()]  # drops a torn last line
-    cols: dict[str, NDArray[Any]] = {}
-    for name in names:
-        raw = [r.get(name) or "" for r in rows]
-        try:
-            cols[name] = np.array([float(v) if v.strip() else np.nan for v in raw])
-        except ValueError:
-            cols[name] = np.array(raw, dtype=object)
-    if "slice" in cols and cols["slice"].dtype.kind == "f":
-        order = np.argsort(cols["slice"], kind="stable")  # parallel writers may append out of order
-        cols = {k: v[order] for k, v in cols.items()}
-    return cols
+def qc_columns(out_dir: str | os.PathLike[str]) -> tuple[dict[str, NDArray[np.float64]], list[list[str]]]:
+    """qc.csv through clemflow.qc.qclog as numeric columns in slice order, and each slice's alert kinds."""
+    from .qclog import read_qc
+
+    rows = sorted(read_qc(out_dir), key=lambda r: r["slice"])
+    names = list(rows[0]) if rows else ["slice"]
+    cols = {n: np.array([float(r.get(n, np.nan)) for r in rows]) for n in names if n != "alerts"}
+    return cols, [list(r.get("alerts", [])) for r in rows]
 
 
 def transform_columns(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
@@ -300,10 +286,10 @@ def _fine_columns(cols: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
     return fine
 
 
-def _alert_slices(slices: NDArray[Any], alerts: Sequence[str]) -> dict[str, NDArray[Any]]:
+def _alert_slices(slices: NDArray[Any], alerts: Sequence[Sequence[str]]) -> dict[str, NDArray[Any]]:
     by_kind: dict[str, list[float]] = {}
-    for z, cell in zip(slices, alerts):
-        for kind in filter(None, (k.strip() for k in str(cell or "").split(";"))):
+    for z, kinds in zip(slices, alerts):
+        for kind in kinds:
             by_kind.setdefault(kind, []).append(float(z))
     return {k: np.asarray(v) for k, v in sorted(by_kind.items())}
 
@@ -311,14 +297,12 @@ def _alert_slices(slices: NDArray[Any], alerts: Sequence[str]) -> dict[str, NDAr
 def write_qc_plot(out_dir: str | os.PathLike[str], columns: Iterable[str] | None = None) -> Path:
     """Write qc.png from ``out_dir``/qc.csv: every numeric QC measure over slice, slices with alerts marked by kind."""
     out = Path(out_dir)
-    cols = read_columns(out / QC)
-    if "slice" not in cols:
-        raise ValueError(f"{out / QC}: no 'slice' column; expected slice, one column per QC measure, alerts")
+    cols, kinds = qc_columns(out)
     z = cols["slice"]
     names = [n for n in (columns or cols) if n not in ("slice", "alerts") and n in cols and _is_numeric(cols[n])]
     if not names:
         raise ValueError(f"{out / QC}: no numeric QC column to draw")
-    alerts = _alert_slices(z, cols.get("alerts", np.array([""] * len(z), dtype=object)))
+    alerts = _alert_slices(z, kinds)
     ncols = 2 if len(names) > 3 else 1
     nrows = -(-len(names) // ncols)
     legend_in = 0.35 * -(-len(alerts) // 4) if alerts else 0.0
@@ -346,20 +330,3 @@ def write_qc_plot(out_dir: str | os.PathLike[str], columns: Iterable[str] | None
                    ncols=min(4, len(alerts)), fontsize=8)
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig.get_size_inches()[1], va="top")
     return _save(fig, out / "qc.png")
-
-
-def read_alert_kinds(out_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Alerts by kind from ``out_dir``/alerts.jsonl (one JSON object per line with a "kind")."""
-    counts: dict[str, int] = {}
-    path = Path(out_dir) / "alerts.jsonl"
-    if not path.is_file():
-        return counts
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            kind = str(json.loads(line)["kind"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: not an alert (a JSON object with a 'kind')") from exc
-        counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))

@@ -29,7 +29,7 @@ class ReportSummary:
     out_dir: Path
     slices: int  # rows of transforms.csv (aligned slices)
     qc_slices: int  # rows of qc.csv
-    alerts_by_kind: dict[str, int] = field(default_factory=dict)
+    alerts_by_kind: dict[str, int] = field(default_factory=dict)  # warnings and critical alerts of alerts.jsonl
     dx_range: tuple[float, float] = (math.nan, math.nan)  # min, max of the translation applied, px
     dy_range: tuple[float, float] = (math.nan, math.nan)
     median_ncc: float = math.nan  # median neighbour correlation after alignment (qc.csv "ncc")
@@ -68,18 +68,16 @@ def summarize(out_dir: str | os.PathLike[str]) -> ReportSummary:
         dx, dy = _range(cols["dx"]), _range(cols["dy"])
     qc_slices, ncc, kinds = 0, math.nan, {}
     if (d / plots.QC).is_file():
-        qc = plots.read_columns(d / plots.QC)
-        if qc:
-            qc_slices = len(next(iter(qc.values())))
-            values = qc.get("ncc", np.array([]))
-            if values.dtype.kind == "f" and np.isfinite(values).any():
-                ncc = float(np.nanmedian(values))
-            if "alerts" in qc and not (d / "alerts.jsonl").is_file():
-                for cell in qc["alerts"]:
-                    for kind in filter(None, (k.strip() for k in str(cell or "").split(";"))):
-                        kinds[kind] = kinds.get(kind, 0) + 1
-    if (d / "alerts.jsonl").is_file():
-        kinds = plots.read_alert_kinds(d)
+        from .qclog import read_alerts
+
+        qc, _ = plots.qc_columns(d)
+        qc_slices = len(qc["slice"])
+        values = qc.get("ncc", np.array([]))
+        if np.isfinite(values).any():
+            ncc = float(np.nanmedian(values))
+        for alert in read_alerts(d):
+            if alert.level != "info":  # "cleared" notes are not alerts
+                kinds[alert.kind] = kinds.get(alert.kind, 0) + 1
     return ReportSummary(d, slices, qc_slices, dict(sorted(kinds.items())), dx, dy, ncc)
 
 

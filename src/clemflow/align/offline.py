@@ -138,17 +138,18 @@ def align_chunk(job: ChunkJob) -> list[SliceTransform]:
         display_store = AlignedVolumeWriter(out / DISPLAY, job.source.shape, "uint8", job.pixel_size_nm,
                                             job.slice_thickness_nm)
     raw: dict[int, NDArray[Any]] = {}
+    cache: dict[int, NDArray[Any]] = {}  # align_fine's coarse-aligned binned slices, reused across the window
     results: list[SliceTransform] = []
     for index in job.indices:
         wanted = [j for j in range(index - radius, index + radius + 1) if j in job.source]
-        for j in list(raw):
-            if j < index - radius:
-                del raw[j]  # the window slides: memory holds 2 r + 1 slices, whatever the chunk size
+        for held in (raw, cache):
+            for j in [j for j in held if j < index - radius]:
+                del held[j]  # the window slides: memory holds 2 r + 1 slices, whatever the chunk size
         for j in wanted:
             if j not in raw:
                 raw[j] = job.source.read(j)
         window = {j: raw[j] for j in wanted}
-        result = align_fine(index, window, job.coarse, job.settings)
+        result = align_fine(index, window, job.coarse, job.settings, cache=cache)
         z = index - job.first_index
         aligned_store.write(z, result.image)
         if display_store is not None:

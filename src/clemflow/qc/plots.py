@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 __all__ = [
     "VolumeGeometry",
     "qc_columns",
+    "transform_columns",
     "volume_geometry",
     "write_drift_plot",
     "write_qc_plot",
@@ -250,7 +251,7 @@ def write_drift_plot(out_dir: str | os.PathLike[str]) -> Path:
             ax.plot(z, values, lw=0.9, label=label)
         ax.axhline(0, color="0.6", lw=0.6)
         ax.set_ylabel("fine stage")
-        ax.set_title("fine stage: translation beyond coarse (px), linear part − identity (×1000)", fontsize=9)
+        ax.set_title("fine stage: beyond coarse (px), linear part − identity (×1000), residuals (px)", fontsize=9)
         ax.legend(fontsize=7, ncols=4, loc="best")
     ax = axes[-1]
     if _is_numeric(cols.get("confidence", np.array([]))):
@@ -280,8 +281,8 @@ def _fine_columns(cols: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
             if np.nanmax(np.abs(d)) > 0:
                 fine[f"{name} − {identity:g} (×1000)"] = d
     known = {"slice", "dx", "dy", "confidence", "coarse_dx", "coarse_dy", "fine_model", "a11", "a12", "a21", "a22"}
-    for name, col in cols.items():
-        if name not in known and _is_numeric(col):
+    for name, col in cols.items():  # further fine parameters in pixels (counts and the like would swamp the axis)
+        if name not in known and name.endswith("_px") and _is_numeric(col):
             fine[name] = col
     return fine
 

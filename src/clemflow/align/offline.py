@@ -87,10 +87,10 @@ def align_offline(input_path: str | Path, out_dir: str | Path, settings: Alignme
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: a chunk holds at least one slice")
     settings = settings or Alignment()
-    source = open_source(input_path)
+    source = open_source(Path(input_path).absolute())  # workers elsewhere must find it (on a shared file system)
     pixel = pixel_size_nm or source.pixel_size_nm
     thickness = slice_thickness_nm or source.slice_thickness_nm
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
     manifest = _manifest(source, settings, pixel, thickness)
     _claim_folder(out, manifest)
     notes: list[str] = []

@@ -19,7 +19,7 @@ def align(
     scheduler: str = typer.Option(None, "--scheduler",
                                   help="Fine stage on dask.distributed: 'local' (a cluster on this machine) or "
                                        "tcp://HOST:PORT (the input and --out must be visible to the workers)."),
-    chunk: int = typer.Option(32, "--chunk", min=1, help="Slices per fine-stage task; memory holds one chunk's window."),
+    chunk: int = typer.Option(32, "--chunk", min=1, help="Slices per fine-stage task (a task also reads fine_radius slices either side; it holds 2 fine_radius + 1 slices in memory whatever the chunk)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Workers of --scheduler local (default: cores - 1)."),
     pixel_size: float = typer.Option(None, "--pixel-size", min=0.0, help="Pixel size in nm, if the input lacks it."),
     slice_thickness: float = typer.Option(None, "--slice-thickness", min=0.0, help="Slice thickness in nm."),

@@ -255,7 +255,7 @@ def write_drift_plot(out_dir: str | os.PathLike[str]) -> Path:
         ax.legend(fontsize=7, ncols=4, loc="best")
     ax = axes[-1]
     if _is_numeric(cols.get("confidence", np.array([]))):
-        conf = cols["confidence"]
+        conf = np.where(np.isfinite(cols["confidence"]), cols["confidence"], np.nan)  # slice 0 has no neighbour: inf
         ax.plot(z, conf, color="tab:green", lw=0.9)
         if np.nanmin(conf) > 0 and np.nanmax(conf) > 20 * np.nanmin(conf):
             ax.set_yscale("log")

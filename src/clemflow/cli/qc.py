@@ -40,8 +40,11 @@ def report(
     table.add_row("drift dx", _fmt_range(summary.dx_range))
     table.add_row("drift dy", _fmt_range(summary.dy_range))
     table.add_row("median neighbour NCC", "—" if math.isnan(summary.median_ncc) else f"{summary.median_ncc:.3f}")
-    alerts = ", ".join(f"{kind} {n}" for kind, n in summary.alerts_by_kind.items()) or "none"
-    table.add_row("alerts", f"[{'yellow' if summary.alerts else 'green'}]{summary.alerts}[/]: {escape(alerts)}")
+    if summary.qc_slices:
+        alerts = ", ".join(f"{kind} {n}" for kind, n in summary.alerts_by_kind.items()) or "none"
+        table.add_row("alerts", f"[{'yellow' if summary.alerts else 'green'}]{summary.alerts}[/]: {escape(alerts)}")
+    else:
+        table.add_row("alerts", "— (no qc.csv: this folder was aligned without live QC)")
     console.print(table)
     for png in summary.pngs:
         console.print(f"  wrote {escape(str(png))}", soft_wrap=True)

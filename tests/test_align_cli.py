@@ -63,7 +63,7 @@ def aligned_pair(drift: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         tiff = write_stack_tiff(root / f"{name}.ome.tif", drift[name], 10.0, 15.0)
         result = CliRunner().invoke(app, ["align", str(tiff), "--out", str(root / name), "--no-report"])
         assert result.exit_code == 0, result.output
-        outs[name] = root / name
+        outs[name], outs[f"{name}_input"] = root / name, tiff
     return outs
 
 
@@ -141,24 +141,23 @@ def test_dask_scheduler_gives_the_in_process_answer(cli, drift: dict, aligned_pa
                                       read_volume(aligned_pair["moved"] / name)[:])
 
 
-def test_resume_aligns_only_what_is_missing_and_rewrites_nothing(cli, drift: dict, aligned_pair: dict,
-                                                                 tmp_path: Path) -> None:
-    tiff = write_stack_tiff(tmp_path / "moved.ome.tif", drift["moved"], 10.0, 15.0)
+def test_resume_aligns_only_what_is_missing_and_rewrites_nothing(cli, aligned_pair: dict, tmp_path: Path) -> None:
+    import shutil
+
     out = tmp_path / "out"
-    code, output = cli("align", tiff, "--out", out, "--no-report", "--chunk", "8")
-    assert code == 0, output
+    shutil.copytree(aligned_pair["moved"], out)  # a finished alignment of the same input ...
     lines = (out / "transforms.csv").read_text().splitlines()
-    (out / "transforms.csv").write_text("\n".join(lines[:1 + 12]) + "\n")  # as if stopped after 12 slices
+    (out / "transforms.csv").write_text("\n".join(lines[:1 + 12]) + "\n")  # ... as if stopped after 12 slices
     chunks = out / "aligned.ome.zarr" / "0" / "c"
     kept = {p: p.stat().st_mtime_ns for p in chunks.glob("[0-9]/**/*") if p.is_file()}  # slices 0-9
     assert kept
-    code, output = cli("align", tiff, "--out", out, "--no-report", "--chunk", "8")
+    code, output = cli("align", aligned_pair["moved_input"], "--out", out, "--no-report", "--chunk", "8")
     assert code == 0, output
     assert f"{N - 12} aligned now, 12 from before" in output and "coarse.csv" in output
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # slices done before were not written again
     assert_same_transforms(read_transforms(out / "transforms.csv"),
                            read_transforms(aligned_pair["moved"] / "transforms.csv"))
-    code, output = cli("align", tiff, "--out", out, "--no-report")
+    code, output = cli("align", aligned_pair["moved_input"], "--out", out, "--no-report")
     assert code == 0 and "0 aligned now" in output
 
 

@@ -102,6 +102,20 @@ def test_run_folder_with_a_missing_slice_keeps_engine_numbers(shared_data: Path,
     np.testing.assert_array_equal(run.read(4), stack[3])
 
 
+def test_imagej_stack_with_one_ifd_is_read_plane_by_plane(shared_data: Path, tmp_path: Path) -> None:
+    """ImageJ saves stacks over 4 GB with a single IFD and the planes after it; all of them are slices."""
+    stack = real_stack(shared_data, 5, 64)
+    path = tmp_path / "imagej.tif"
+    tifffile.imwrite(path, stack, imagej=True, truncate=True, resolution=(100.0, 100.0),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": 0.03})
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 1
+    source = open_source(path)
+    assert len(source) == 5 and source.pixel_size_nm == pytest.approx(10.0)
+    assert source.slice_thickness_nm == pytest.approx(30.0)
+    np.testing.assert_array_equal(np.stack([source.read(i) for i in (4, 0, 2, 1, 3)]), stack[[4, 0, 2, 1, 3]])
+
+
 def test_the_real_stack_is_read_page_by_page_not_whole(shared_data: Path) -> None:
     tracemalloc.start()
     try:

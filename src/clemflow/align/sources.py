@@ -129,10 +129,24 @@ class TiffStackSource(SliceSource):
                 raise SourceError(f"{path}: pages are {first.shape} (colour or multi-sample); a slice stack needs "
                                   "one grey 2D image per page: convert it to single-channel first")
             geometry = _Geometry(tuple(first.shape), first.dtype, *_tiff_physical(tif, first))  # type: ignore[arg-type]
+            # ImageJ writes stacks over 4 GB with one IFD and the planes contiguous after it: map those instead
+            self._contiguous: tuple[int, str] | None = None
+            series = tif.series[0] if tif.series else None
+            planes = int(np.prod(series.shape[:-2])) if series is not None and len(series.shape) > 2 else n
+            if planes > n and series is not None and series.dataoffset is not None:
+                self._contiguous = (int(series.dataoffset), series.dtype.str)
+                n = planes
+        self._map: np.memmap[Any, Any] | None = None
         super().__init__(path, range(n), geometry)
 
     def _read(self, pos: int) -> NDArray[Any]:
         with self._lock:
+            if self._contiguous is not None:
+                if self._map is None:
+                    offset, dtype = self._contiguous
+                    self._map = np.memmap(self.path, dtype=np.dtype(dtype), mode="r", offset=offset,
+                                          shape=(self.indices[-1] + 1, *self.shape))
+                return np.array(self._map[self.indices[pos]])
             if self._tif is None:
                 self._tif = tifffile.TiffFile(self.path)
             return self._tif.pages[self.indices[pos]].asarray()  # type: ignore[union-attr]
@@ -148,7 +162,7 @@ class TiffStackSource(SliceSource):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_tif"], state["_lock"] = None, None
+        state["_tif"], state["_lock"], state["_map"] = None, None, None
         return state
 
     def __copy__(self) -> TiffStackSource:

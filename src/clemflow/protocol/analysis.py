@@ -15,7 +15,7 @@ __all__ = ["Alignment", "Correlation", "LiveQC", "Notify", "Output", "Quantifica
 class Alignment(ProtocolModel):
     """Online slice alignment: coarse phase correlation, then fine registration to a z-median template."""
 
-    coarse_binning: int = Field(2, ge=1, le=16, description="Binning before phase correlation.")
+    coarse_binning: int | None = Field(None, ge=1, le=16, description="Binning before phase correlation; empty: automatic (about 512 px).")
     coarse_sigma_px: float = Field(1.0, ge=0, le=10, description="Gaussian pre-filter on the binned slice.")
     long_range_every: int = Field(8, ge=2, le=64, description="Distance of the long-range reference, in slices.")
     min_confidence: float = Field(6.0, gt=0, description="Peak-to-sidelobe ratio below which the fallback runs.")

@@ -262,14 +262,17 @@ def test_transforms_csv_writes_each_slice_once_and_survives_a_torn_line(tmp_path
         handle.write("7,0.5,0.2")  # a crash in the middle of a row
     reopened = TransformsCsv(path)
     assert reopened.written == {1, 3}
-    reopened.write(SliceTransform(7, 2.0, 2.0))
+    reopened.write(SliceTransform(7, 2.0, 2.0, extra={"fine_rejected": 1.0}))  # a key no row had: header widened
+    reopened.write(SliceTransform(5, 0.0, 0.0, extra={"residual_px": 0.5}))
     reopened.sort()
     lines = path.read_text().splitlines()
-    assert lines[0] == "slice,dx,dy,confidence,coarse_dx,coarse_dy,fine_model,a11,a12,a21,a22,residual_px"
-    assert [line.split(",")[0] for line in lines[1:]] == ["1", "3", "7"]
+    assert lines[0] == ("slice,dx,dy,confidence,coarse_dx,coarse_dy,fine_model,a11,a12,a21,a22,"
+                        "fine_rejected,residual_px")
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "3", "5", "7"]
     rows = read_transforms(path)
-    assert rows[1] == a  # exact floats, the extra column kept
-    assert rows[0].confidence == math.inf and rows[0].extra == {} and rows[2].dx == 2.0
+    assert rows[1] == a  # exact floats, the extra column kept through the rewrite
+    assert rows[0].confidence == math.inf and rows[0].extra == {}
+    assert rows[3].dx == 2.0 and rows[3].extra == {"fine_rejected": 1.0} and rows[2].extra == {"residual_px": 0.5}
 
 
 def test_coarse_csv_round_trip(tmp_path: Path) -> None:

@@ -26,15 +26,16 @@ COARSE_COLUMNS = ("slice", "dx", "dy", "step_dx", "step_dy", "confidence", "fall
 class TransformsCsv:
     """Appends ``SliceTransform`` rows to ``path``; a slice already in the file is not written again.
 
-    ``extra`` names the further columns of a new file; without it they are those of the first row written.
-    An existing file keeps its own columns (extras not among them are left out of later rows).
+    The further columns are the union of the rows' ``extra`` keys in alphabetical order (``extra`` adds some up
+    front), so the file does not depend on which rows came first; a row bringing a new key rewrites the file once
+    with the wider header (a row without a key leaves its cell empty).
     """
 
     def __init__(self, path: str | Path, extra: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self._columns: tuple[str, ...] | None = None
         self._written: set[int] = set()
-        self._extra = tuple(extra) if extra is not None else None
+        self._extra = tuple(extra) if extra is not None else ()
         if self.path.exists() and self.path.stat().st_size > 0:
             self._drop_torn_line()
             with self.path.open(newline="", encoding="utf-8") as handle:
@@ -73,9 +74,12 @@ class TransformsCsv:
         if not fresh:
             return 0
         new_file = self._columns is None
-        if new_file:
-            extra = self._extra if self._extra is not None else tuple(sorted(fresh[0].extra))
-            self._columns = BASE_COLUMNS + tuple(c for c in extra if c not in BASE_COLUMNS)
+        known = set(self._columns or ()) | set(self._extra)
+        keys = known.union(*(t.extra for t in fresh)) - set(BASE_COLUMNS)
+        if new_file or not keys <= set(self._columns or ()):
+            self._columns = BASE_COLUMNS + tuple(sorted(keys))
+            if not new_file:
+                self._rewrite()
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         if new_file:
@@ -91,8 +95,10 @@ class TransformsCsv:
 
     def sort(self) -> None:
         """Rewrite the file in slice order (rows arrive out of order from parallel workers); atomic."""
-        if self._columns is None:
-            return
+        if self._columns is not None:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
         rows = read_transforms(self.path)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         buffer = io.StringIO()

@@ -36,7 +36,8 @@ MIN_PATCH_PX = 32
 MIN_PATCH_PSR = 8.0
 AFFINE_PRIOR_PX = 0.3  # expected scale/shear displacement at the patch radius, px (drift is mostly translation)
 AFFINE_PRIOR_NOISE_PX = 0.3  # expected error of one patch shift, px
-MAX_LINEAR_DEVIATION = 0.02  # |A - I| beyond this (2 % scale or shear) is not drift: fall back to a translation
+MAX_LINEAR_DEVIATION = 0.02
+FINE_MAX_CORRECTION_PX = 1.0  # full-resolution px, translation plus the linear part's reach at the frame edge  # |A - I| beyond this (2 % scale or shear) is not drift: fall back to a translation
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,18 @@ def align_fine(index: int, window: Mapping[int, NDArray[np.generic]], coarse: Ma
     box = _common_box(binned[index].shape, [coarse[k] for k in window], b)
     fit = register_to_template(binned[index], template(others), settings.fine_model, float(settings.coarse_sigma_px), box)
     a = np.array(fit.linear).reshape(2, 2)
+    edge = float(np.abs(a - np.eye(2)).max()) * max(image.shape[:2]) / 2
+    if not np.isfinite(fit.tx + fit.ty) or b * np.hypot(fit.tx, fit.ty) + edge > FINE_MAX_CORRECTION_PX:
+        # the coarse chain is good to a few hundredths of a pixel per slice: a large fine correction means the
+        # template moved (content cut obliquely, a bad neighbour), not this slice; keep the coarse answer
+        transform = SliceTransform(index, shift.dx, shift.dy, confidence=shift.confidence, coarse_dx=shift.dx,
+                                   coarse_dy=shift.dy, fine_model=settings.fine_model,
+                                   extra={"fine_patches": float(fit.patches), "fine_rejected": 1.0})
+        return AlignedSlice(transform, warp_slice(image, transform) if warp else image, shift)
     # total: p -> A (p + d_coarse - c) + c + t  ==  A (p - c) + c + (A d_coarse + t)
     d = a @ np.array([shift.dx, shift.dy]) + b * np.array([fit.tx, fit.ty])
     transform = SliceTransform(
         index, float(d[0]), float(d[1]), fit.linear, shift.confidence, shift.dx, shift.dy, settings.fine_model,
-        {"fine_patches": float(fit.patches), "fine_residual_px": fit.residual_px * b},
+        {"fine_patches": float(fit.patches), "fine_residual_px": fit.residual_px * b, "fine_rejected": 0.0},
     )
     return AlignedSlice(transform, warp_slice(image, transform) if warp else image, shift)

@@ -16,7 +16,7 @@ def protocols_dir() -> Path:
     return PROTOCOLS
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real microscope data not found at {SHARED_DATA}; place shared/data beside the repository")

@@ -29,7 +29,8 @@ from numpy.typing import NDArray
 
 from .em import DriftModel, EMImperfections, FaceGeometry, face_through, render_em_slice
 
-__all__ = ["FAULT_KINDS", "Fault", "FaultSlice", "SeriesSetup", "fault_series", "pick_field", "plan_faults"]
+__all__ = ["FAULT_KINDS", "Fault", "FaultScore", "FaultSlice", "SeriesSetup", "fault_series", "pick_field", "plan_faults",
+           "score_alerts"]
 
 FAULT_KINDS: tuple[str, ...] = ("defocus", "charging", "curtaining", "drift_jump", "duplicate", "missing")
 LASTING = {"defocus": (3, 12), "charging": (1, 4), "curtaining": (8, 25)}  # kind -> slices it lasts (min, max)
@@ -174,7 +175,6 @@ def pick_field(world: Any, seed: int, pixel_size_nm: float = 10.0, shape: tuple[
     rng = np.random.default_rng([seed, 5113])
     cell = world.cells[int(rng.integers(len(world.cells)))]
     face = face_through(world, cell.nucleus_center_um)
-    half_u = shape[0] * pixel_size_nm * 1e-3 / 2
     half_v = shape[1] * pixel_size_nm * 1e-3 / 2
     scored = []
     for u in np.arange(-7.0, 7.01, 1.0):
@@ -189,7 +189,6 @@ def pick_field(world: Any, seed: int, pixel_size_nm: float = 10.0, shape: tuple[
         raise ValueError("no field with cell content found on this face: pick another world seed or cell")
     scored.sort(reverse=True)
     _, u, v = scored[int(rng.integers(min(top, len(scored))))]
-    del half_u
     return face, (u, v)
 
 
@@ -246,3 +245,54 @@ def fault_series(world: Any, setup: SeriesSetup, n_slices: int, faults: Sequence
         img = np.clip(grey + np.float32(0.5), 0, 255).astype(np.uint8)
         row, col = meta["drift"]["image_shift_px"]
         yield FaultSlice(i, img, depth, (float(row), float(col)), kinds, onsets)
+
+
+@dataclass
+class FaultScore:
+    """How a QC's alerts compare with the injected truth."""
+
+    injected: dict[str, int] = field(default_factory=dict)  # kind -> faults injected
+    found: dict[str, int] = field(default_factory=dict)  # kind -> faults with an alert of that kind at onset
+    missed: list[Fault] = field(default_factory=list)
+    clean_slices: int = 0  # slices away from every fault
+    false_alerts: list[tuple[int, str]] = field(default_factory=list)  # (slice, kind) raised on a clean slice
+    other_kind: list[tuple[int, str]] = field(default_factory=list)  # alerts on faulty slices of another kind
+
+    def recall(self, kind: str) -> float:
+        n = self.injected.get(kind, 0)
+        return self.found.get(kind, 0) / n if n else float("nan")
+
+    def add(self, other: "FaultScore") -> None:
+        for k, v in other.injected.items():
+            self.injected[k] = self.injected.get(k, 0) + v
+        for k, v in other.found.items():
+            self.found[k] = self.found.get(k, 0) + v
+        self.missed += other.missed
+        self.clean_slices += other.clean_slices
+        self.false_alerts += other.false_alerts
+        self.other_kind += other.other_kind
+
+
+def score_alerts(faults: Sequence[Fault], alerts: Sequence[tuple[int, str]], n_slices: int, tolerance: int = 1,
+                 guard: int = 2) -> FaultScore:
+    """Score ``alerts`` ((slice, kind) of the warnings) against the truth: a fault counts as found when an alert
+    of its kind comes at its onset or up to ``tolerance`` slices later; an alert counts as false when it is
+    raised on a slice outside every fault and the ``guard`` slices after it (where the return to normal may
+    still show)."""
+    score = FaultScore()
+    for f in faults:
+        score.injected[f.kind] = score.injected.get(f.kind, 0) + 1
+        if any(k == f.kind and f.start <= i <= f.start + tolerance for i, k in alerts):
+            score.found[f.kind] = score.found.get(f.kind, 0) + 1
+        else:
+            score.missed.append(f)
+    near = np.zeros(n_slices, bool)
+    for f in faults:
+        near[f.start:min(n_slices, f.end + guard)] = True
+    score.clean_slices = int((~near).sum())
+    for i, k in alerts:
+        if 0 <= i < n_slices and not near[i]:
+            score.false_alerts.append((i, k))
+        elif not any(f.kind == k and f.start <= i < f.end + guard for f in faults):
+            score.other_kind.append((i, k))
+    return score

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 from ..align.phase import bin_image
 from ..fibsem.focus import sharpness as _focus_sharpness
@@ -43,7 +42,6 @@ __all__ = [
 
 WORK_SIZE = 512  # binned side length the measures work at
 SHARPNESS_CROP = 768  # full-resolution central crop for the focus measure (its cost grows with area)
-NCC_SIGMA = 1.0  # Gaussian (binned px) before the NCC: it should see structure, not dose
 STRIPE_BANDS = 8  # horizontal bands whose column profiles must agree for a stripe to count
 CONTRAST_SIZE = 64  # contrast is taken on a copy binned to about this size: blur and curtains barely touch it
 MIN_OVERLAP = 16  # binned px: less overlap than this after a shift leaves nothing to compare
@@ -56,13 +54,15 @@ class Prepared:
     """One slice made ready for the measures: binned once, reused by every comparison with its neighbours."""
 
     binned: F32  # factor x factor block mean, mean removed
-    smooth: F32  # the same, Gaussian-smoothed (for the NCC)
+    smooth: F32  # the same, lightly smoothed (for the NCC)
+    spectrum: NDArray[np.complex64]  # rfft2 of ``binned`` (sub-pixel shifts without recomputing it)
     factor: int
     mean: float  # mean grey of the slice
     signal_var: float  # variance of the binned image that is signal (adjacent-row covariance)
     noise_var: float  # the rest: shot noise of the binned image
     sharpness: float  # focus measure at full resolution
-    coarse_var: float  # signal variance at the coarse scale, column profile removed (for contrast)
+    coarse_var: float  # signal variance at the coarse scale, row and column profiles removed (for contrast)
+    stripes: float  # share of the signal in vertical stripes
 
 
 def auto_factor(shape: tuple[int, ...], target: int = WORK_SIZE) -> int:
@@ -70,12 +70,29 @@ def auto_factor(shape: tuple[int, ...], target: int = WORK_SIZE) -> int:
     return max(1, int(min(shape[:2]) // target))
 
 
+def _dot(a: F32, b: F32) -> float:
+    """Sum of a * b (BLAS; a strided view is copied first)."""
+    return float(np.vdot(np.ravel(a), np.ravel(b)))
+
+
 def _row_cross(a: F32, b: F32 | None = None) -> float:
     """Mean product of each row of ``a`` with the next row of ``b`` (and vice versa): noise-free when
     the noise is independent from row to row and between the two images."""
+    n = (a.shape[0] - 1) * a.shape[1]
     if b is None:
-        return float(np.mean(a[:-1] * a[1:], dtype=np.float64))
-    return 0.5 * (float(np.mean(a[:-1] * b[1:], dtype=np.float64)) + float(np.mean(a[1:] * b[:-1], dtype=np.float64)))
+        return _dot(a[:-1], a[1:]) / n
+    return 0.5 * (_dot(a[:-1], b[1:]) + _dot(a[1:], b[:-1])) / n
+
+
+def _binomial(a: F32) -> F32:
+    """[1, 2, 1] / 4 along both axes (a Gaussian of sigma 0.7 px), edges held: a few array operations."""
+    out = np.empty_like(a)
+    out[1:-1] = 0.25 * (a[:-2] + a[2:]) + 0.5 * a[1:-1]
+    out[0], out[-1] = a[0], a[-1]
+    res = np.empty_like(a)
+    res[:, 1:-1] = 0.25 * (out[:, :-2] + out[:, 2:]) + 0.5 * out[:, 1:-1]
+    res[:, 0], res[:, -1] = out[:, 0], out[:, -1]
+    return res
 
 
 def _as_2d(image: ArrayLike) -> NDArray[np.generic]:
@@ -91,16 +108,17 @@ def prepare(image: ArrayLike, factor: int | None = None) -> Prepared:
     """Bin a slice and take the statistics every measure shares; ``factor`` None: :func:`auto_factor`."""
     a = _as_2d(image)
     f = auto_factor(a.shape) if factor is None else max(1, int(factor))
-    b = bin_image(a, f)
-    b = np.ascontiguousarray(b, dtype=np.float32)
+    b = np.ascontiguousarray(bin_image(a, f), dtype=np.float32)
     mean = float(b.mean(dtype=np.float64))
     b -= np.float32(mean)
-    total = float(np.mean(b * b, dtype=np.float64))
+    total = _dot(b, b) / b.size
     signal = min(max(_row_cross(b), 0.0), total)
-    smooth = ndimage.gaussian_filter(b, NCC_SIGMA, mode="nearest") if NCC_SIGMA > 0 else b
     coarse = bin_image(b, max(1, min(b.shape) // CONTRAST_SIZE))
-    coarse = coarse - coarse.mean(axis=0, keepdims=True)
-    return Prepared(b, smooth, f, mean, signal, total - signal, sharpness(a), max(_row_cross(coarse), 0.0))
+    coarse = coarse - coarse.mean(axis=0, keepdims=True)  # curtains
+    coarse -= coarse.mean(axis=1, keepdims=True)  # charging streaks and ramps down the frame
+    spec = sfft.rfft2(b).astype(np.complex64, copy=False)
+    return Prepared(b, _binomial(b), spec, f, mean, signal, total - signal, sharpness(a), max(_row_cross(coarse), 0.0),
+                    _stripe_share(b))
 
 
 def brightness(prep: Prepared) -> float:
@@ -112,8 +130,10 @@ def contrast(prep: Prepared) -> float:
     """Grey-level SD of the signal at a coarse scale (about 1/64 of the field). Charging flattens or boosts it.
 
     Coarse, so that defocus (which lowers fine detail only) does not read as a
-    contrast change; column means removed, so that curtains do not either;
-    adjacent-row covariance, so that shot noise does not count.
+    contrast change; column and row means removed, so that curtains and the
+    streaks of charging itself do not either (what is left is the tissue's
+    contrast, which a gain change scales); adjacent-row covariance, so that
+    shot noise does not count.
     """
     return math.sqrt(prep.coarse_var)
 
@@ -159,8 +179,8 @@ def neighbour_ncc(earlier: Prepared, later: Prepared, step_dx: float, step_dy: f
 
     Low when the slices do not show the same place: a misregistration, a
     big jump, a lost or badly damaged slice. Taken on the lightly smoothed
-    binned images, so it reflects structure rather than dose; NaN when the
-    shift leaves no overlap.
+    binned images (binomial, sigma 0.7 binned px), so it reflects structure
+    more than dose; NaN when the shift leaves no overlap.
     """
     f = later.factor
     pair = _overlap(earlier.smooth, later.smooth, step_dx / f, step_dy / f)
@@ -169,20 +189,19 @@ def neighbour_ncc(earlier: Prepared, later: Prepared, step_dx: float, step_dy: f
     a, b = pair
     a = a - a.mean(dtype=np.float64)
     b = b - b.mean(dtype=np.float64)
-    den = math.sqrt(float(np.sum(a * a, dtype=np.float64)) * float(np.sum(b * b, dtype=np.float64)))
-    return float(np.sum(a * b, dtype=np.float64) / den) if den > 0 else float("nan")
+    den = math.sqrt(_dot(a, a) * _dot(b, b))
+    return _dot(a, b) / den if den > 0 else float("nan")
 
 
-def _fraction_shift(image: F32, fx: float, fy: float) -> F32:
-    """Move content by a sub-pixel (fx, fy) with a Fourier phase ramp: an all-pass filter, so white noise stays
-    white and rows stay independent (an interpolation would mix them)."""
+def _fraction_shift(prep: Prepared, fx: float, fy: float) -> F32:
+    """The binned slice with its content moved by a sub-pixel (fx, fy): a phase ramp on its spectrum, i.e. an
+    all-pass filter, so white noise stays white and rows stay independent (an interpolation would mix them)."""
     if abs(fx) < 1e-3 and abs(fy) < 1e-3:
-        return image
-    h, w = image.shape
-    ky = sfft.fftfreq(h).astype(np.float32)[:, None]
-    kx = sfft.rfftfreq(w).astype(np.float32)[None, :]
-    ramp = np.exp(-2j * np.pi * (kx * fx + ky * fy)).astype(np.complex64)
-    return sfft.irfft2(sfft.rfft2(image) * ramp, s=(h, w)).astype(np.float32, copy=False)
+        return prep.binned
+    h, w = prep.binned.shape
+    ry = np.exp(-2j * np.pi * sfft.fftfreq(h) * fy).astype(np.complex64)[:, None]
+    rx = np.exp(-2j * np.pi * sfft.rfftfreq(w) * fx).astype(np.complex64)[None, :]
+    return sfft.irfft2(prep.spectrum * ry * rx, s=(h, w)).astype(np.float32, copy=False)
 
 
 def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: float) -> float:
@@ -200,7 +219,7 @@ def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: floa
     f = later.factor
     dx, dy = step_dx / f, step_dy / f
     ix, iy = round(dx), round(dy)
-    moved_back = _fraction_shift(later.binned, -(dx - ix), -(dy - iy))
+    moved_back = _fraction_shift(later, -(dx - ix), -(dy - iy))
     pair = _overlap(earlier.binned, moved_back, ix, iy)
     if pair is None:
         return float("nan")
@@ -219,25 +238,33 @@ def stripe_energy(prep: Prepared) -> float:
     """Share of the signal in vertical stripes (curtaining): structure constant down the face, varying across it.
 
     The image is cut into horizontal bands; each band's column-mean profile
-    is high-passed along x. A curtain runs through every band at the same x,
-    so profiles of *different* bands agree; cells, noise and a membrane that
-    happens to run vertically through part of the field do not (the median
-    over band pairs ignores one that spans a few bands). The agreement, over
-    the image's own signal variance at the same scales, is the share: ~0
-    without curtains, towards 1 when stripes are all there is.
+    is high-passed along x (shading across the field removed). A curtain runs
+    through every band at the same x, so profiles of *different* bands agree;
+    cells, noise and a membrane that happens to run vertically through part
+    of the field do not (the median over band pairs ignores one that spans a
+    few bands). The agreement, over the image's own signal variance at the
+    same scales, is the share: ~0 without curtains, towards 1 when stripes
+    are all there is.
     """
-    b = prep.binned
+    return prep.stripes
+
+
+def _stripe_share(b: F32) -> float:
+    """:func:`stripe_energy` of a mean-free binned image, all in the row-wise Fourier domain (Parseval):
+    one FFT along x serves the high-pass, the band profiles and the image's own row covariance."""
     h, w = b.shape
     n = min(STRIPE_BANDS, h // 4)
     if n < 2:
         return float("nan")
-    sigma = max(8.0, w / 16.0)  # removes shading across the field, keeps curtains up to ~1/10 of it wide
     rows = (h // n) * n
-    hp = b[:rows] - ndimage.gaussian_filter1d(b[:rows], sigma, axis=1, mode="reflect")
-    profiles = hp.reshape(n, rows // n, w).mean(axis=1)
-    cov = (profiles @ profiles.T) / w
-    pairs = cov[np.triu_indices(n, 1)]
-    total = _row_cross(hp)
+    sigma = max(8.0, w / 16.0)  # removes shading across the field, keeps curtains up to ~1/10 of it wide
+    k = sfft.rfftfreq(w)
+    weight = (1.0 - np.exp(-2.0 * (np.pi * sigma * k) ** 2)) ** 2  # squared high-pass response
+    weight[1:(w + 1) // 2] *= 2.0  # bins that stand for a conjugate pair
+    spec = sfft.rfft(b[:rows], axis=1)
+    total = float(np.real(np.sum(spec[:-1] * np.conj(spec[1:]) * weight))) / ((rows - 1) * w * w)
     if total <= 0:
         return float("nan")
-    return float(np.median(pairs)) / total
+    prof = spec.reshape(n, rows // n, -1).mean(axis=1)
+    cov = np.real((prof * weight) @ np.conj(prof).T) / (w * w)
+    return float(np.median(cov[np.triu_indices(n, 1)])) / total

@@ -29,12 +29,14 @@ from ..align.transforms import CoarseShift
 from ..protocol.analysis import LiveQC
 from . import metrics as m
 
-__all__ = ["ALERT_KINDS", "QCAlert", "QCMonitor", "SliceQC"]
+__all__ = ["ALERT_KINDS", "METRICS", "QCAlert", "QCMonitor", "SliceQC"]
 
 AlertKind = Literal["defocus", "charging", "curtaining", "drift_jump", "duplicate", "missing", "low_ncc",
                     "low_confidence"]
 ALERT_KINDS: tuple[str, ...] = ("defocus", "charging", "curtaining", "drift_jump", "duplicate", "missing", "low_ncc",
                                 "low_confidence")
+METRICS: tuple[str, ...] = ("ncc", "ncc2", "change", "change2", "step", "step_dx", "step_dy", "confidence",
+                            "sharpness", "snr", "brightness", "contrast", "stripes")  # what SliceQC.metrics holds
 LASTING = ("defocus", "charging", "curtaining", "low_ncc", "low_confidence")
 
 # Constants the protocol (LiveQC) does not carry yet.
@@ -46,7 +48,11 @@ MAX_CONTRAST_CHANGE = 0.25  # relative change of the signal SD that counts as ch
 JUMP_MIN_PX = 5.0  # a step below this is never a drift jump
 JUMP_MADS = 10.0  # ... nor one within this many robust SDs of the usual step
 DUPLICATE_CHANGE_RATIO = 0.3  # content change below this fraction of the usual one: the same depth imaged again
-MISSING_CHANGE_RATIO = 2.0  # content change above this multiple of the usual one: a depth skipped
+MISSING_CHANGE_RATIO = 2.2  # content change above this multiple of the usual one: a depth skipped
+CHANGE_FLOOR = 0.003  # content change too small to judge a ratio of (estimation noise of the change measure)
+CHANGE_SLICES = 12  # the usual change is taken over fewer slices: it follows the tissue more closely
+MIN_CHANGE_BASELINE = 8  # ... and needs more of them first (it varies from slice to slice more than the rest)
+LEVEL_SLICES = 8  # so are brightness and contrast: charging is a sudden change, the tissue's own is slow
 MIN_CONFIDENCE = 6.0  # peak-to-sidelobe ratio of the coarse registration (as Alignment.min_confidence)
 
 _MAD_TO_SD = 1.4826
@@ -97,8 +103,9 @@ class _Lasting:
 class _Baseline:
     """Median and robust SD of the last good values of one measure."""
 
-    def __init__(self, size: int = BASELINE_SLICES) -> None:
+    def __init__(self, size: int, needed: int = MIN_BASELINE) -> None:
         self.values: deque[float] = deque(maxlen=size)
+        self.needed = needed
 
     def add(self, value: float) -> None:
         if math.isfinite(value):
@@ -106,7 +113,7 @@ class _Baseline:
 
     @property
     def ready(self) -> bool:
-        return len(self.values) >= MIN_BASELINE
+        return len(self.values) >= self.needed
 
     def median(self) -> float:
         return float(np.median(self.values))
@@ -132,7 +139,11 @@ class QCMonitor:
         self.factor: int | None = None
 
     def _baseline(self, name: str) -> _Baseline:
-        return self._base.setdefault(name, _Baseline())
+        if name not in self._base:
+            size = {"change": CHANGE_SLICES, "change2": CHANGE_SLICES, "brightness": LEVEL_SLICES,
+                    "contrast": LEVEL_SLICES}.get(name, BASELINE_SLICES)
+            self._base[name] = _Baseline(size, MIN_CHANGE_BASELINE if name.startswith("change") else MIN_BASELINE)
+        return self._base[name]
 
     # ----------------------------------------------------------------- measuring
     def measure(self, index: int, image: ArrayLike, coarse: CoarseShift | None = None) -> tuple[m.Prepared, dict[str, float]]:
@@ -256,12 +267,14 @@ class QCMonitor:
         change = vals["change"]
         if not (b.ready and math.isfinite(change)) or b.median() <= 0:
             return []
-        ratio = change / b.median()
-        if ratio < DUPLICATE_CHANGE_RATIO:
+        usual = b.median()
+        if change < DUPLICATE_CHANGE_RATIO * usual:
+            ratio = change / usual
             return [QCAlert(index, "duplicate", "warning",
                             f"slice {index}: the same content as slice {index - 1} (change {ratio:.0%} of the usual "
                             "step) - the same depth imaged twice? check that the FIB milled", ratio,
                             DUPLICATE_CHANGE_RATIO)]
+        ratio = (change + CHANGE_FLOOR) / (usual + CHANGE_FLOOR)
         if ratio > MISSING_CHANGE_RATIO:
             return [QCAlert(index, "missing", "warning",
                             f"slice {index}: content changed {ratio:.1f} x the usual step since slice {index - 1} - "
@@ -304,6 +317,8 @@ class QCMonitor:
             if not prev_fault:
                 self._baseline("step").add(vals["step"])
                 self._baseline("change").add(vals["change"])
+                if not (self._recent and len(self._recent) == 2 and self._recent[0][4]):
+                    self._baseline("change2").add(vals["change2"])
         self._recent.append((index, prep, vals["step_dx"], vals["step_dy"], own_fault or raised))
 
 

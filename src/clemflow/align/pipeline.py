@@ -44,6 +44,14 @@ class AlignmentPipeline:
         ready = [k for k in self._pending if k + self.radius <= index]
         return shift, self._align(ready)
 
+    def prime(self, index: int, image: NDArray[np.generic], shift: CoarseShift) -> None:
+        """Enter a slice aligned in an earlier session (its shift from transforms.csv): the later ones build on it."""
+        self.coarse.prime(index, image, shift.dx, shift.dy)
+        self._raw[index] = image
+        self._shifts[index] = shift
+        for j in [j for j in self._raw if j < index - 2 * self.radius]:
+            del self._raw[j]
+
     def finish(self) -> list[AlignedSlice]:
         """Fine-align the slices still waiting for later neighbours (end of the run)."""
         return self._align(list(self._pending))

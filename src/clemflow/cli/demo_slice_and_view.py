@@ -72,6 +72,7 @@ def slice_and_view_stage(folder: Path, targets_path: Path, protocol_path: Path, 
 
 
 def _run_engine(server: BridgeServer, protocol: Any, protocol_path: Path, run_dir: Path, targets_path: Path, slices: int) -> Any:
+    from ..fibsem.analysis import LiveAnalysis
     from ..fibsem.dashboard import SliceDashboard
     from ..fibsem.engine import SliceAndViewEngine
     from ..fibsem.plan import SlicePlan
@@ -84,9 +85,14 @@ def _run_engine(server: BridgeServer, protocol: Any, protocol_path: Path, run_di
     plan = SlicePlan.from_protocol(fibsem, slices)
     with BridgeClient(server.commands_endpoint, events=server.events_endpoint, name="demo-fibsem") as client, \
             SliceDashboard(console, log_every=10) as dashboard:
+        analysis = LiveAnalysis(run_dir, protocol.alignment, protocol.qc, status=dashboard.analysis)
         engine = SliceAndViewEngine(client, fibsem, folder, plan, target, console=console, control=RunControl(),
-                                    interactive=False, dashboard=dashboard)
-        return engine.run()
+                                    interactive=False, dashboard=dashboard, on_slice=analysis)
+        analysis.alert = engine.alerts.send
+        try:
+            return engine.run()
+        finally:
+            analysis.close()
 
 
 def _demo_protocol_text(source: Path, targets_path: Path) -> str:

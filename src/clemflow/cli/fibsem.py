@@ -89,6 +89,7 @@ def run(
 def _run_engine(protocol, fibsem, folder, plan, target, address: str, keys, interactive: bool,  # type: ignore[no-untyped-def]
                 again: str) -> int:
     from ..bridge.client import BridgeClient
+    from ..fibsem.analysis import LiveAnalysis
     from ..fibsem.dashboard import SliceDashboard
     from ..fibsem.engine import SliceAndViewEngine
     from ..schedule.clock import RealClock
@@ -107,10 +108,16 @@ def _run_engine(protocol, fibsem, folder, plan, target, address: str, keys, inte
     try:
         with BridgeClient(address, server_key=keys[1], client_keys=keys[0], name="clemflow-fibsem") as client, \
                 SliceDashboard(console) as dashboard:
+            analysis = LiveAnalysis(folder.path, protocol.alignment, protocol.qc, status=dashboard.analysis)
             engine = SliceAndViewEngine(client, fibsem, folder, plan, target, console=console, control=control,
                                         interactive=interactive, dashboard=dashboard, notify_command=notify.command,
-                                        notify_webhook=str(notify.webhook) if notify.webhook else None)
-            outcome = engine.run()
+                                        notify_webhook=str(notify.webhook) if notify.webhook else None,
+                                        on_slice=analysis)
+            analysis.alert = engine.alerts.send
+            try:
+                outcome = engine.run()
+            finally:
+                analysis.close()
     finally:
         restore_sigint()
     if outcome.state == "done":

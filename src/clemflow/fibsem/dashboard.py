@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -117,6 +117,19 @@ class _View:
     status: SliceStatus | None = None
     drift: deque[float] = field(default_factory=lambda: deque(maxlen=40))
     alerts: deque[_Alert] = field(default_factory=lambda: deque(maxlen=5))
+    analysis: dict[str, Any] | None = None  # the live alignment/QC summary (LiveAnalysis.summary)
+    steps: deque[float] = field(default_factory=lambda: deque(maxlen=40))  # aligned step per slice, px
+
+
+def _analysis_line(a: dict[str, Any]) -> str:
+    return (f"slice {_num(a.get('slice'), 'd')} shift ({_num(a.get('dx'), '+.2f')}, {_num(a.get('dy'), '+.2f')}) px   "
+            f"PSR {_num(a.get('confidence'), '.0f')}   fine done {_num(a.get('aligned'), 'd')}/{_num(a.get('processed'), 'd')}")
+
+
+def _qc_line(a: dict[str, Any]) -> str:
+    kinds = ", ".join(a.get("alerts") or []) or "ok"
+    return (f"NCC {_num(a.get('ncc'), '.2f')}   sharpness {_num(a.get('sharpness'), '.3g')}   SNR {_num(a.get('snr'), '.1f')}"
+            f"   stripes {_num(a.get('stripes'), '.3f')}   brightness {_num(a.get('brightness'), '.1f')}   {kinds}")
 
 
 class SliceDashboard:
@@ -197,6 +210,15 @@ class SliceDashboard:
         else:
             self._live.refresh()
 
+    def analysis(self, summary: dict[str, Any]) -> None:
+        """The live alignment and QC of the last slice (called from the analysis thread)."""
+        with self._lock:
+            self._view.analysis = dict(summary)
+            if summary.get("step") is not None:
+                self._view.steps.append(float(summary["step"]))
+        if self._live is not None:
+            self._live.refresh()
+
     @property
     def drift_history(self) -> list[float]:
         """|offset| (px) of the recent slices, oldest first, as in the sparkline."""
@@ -253,6 +275,8 @@ class SliceDashboard:
             s = self._view.status
             drift = list(self._view.drift)
             alerts = list(self._view.alerts)
+            analysis = dict(self._view.analysis or {})
+            steps = list(self._view.steps)
         now = self.clock.now()
         if s is None:
             return Panel(Text("waiting for the first slice…", style="dim"), title="slice-and-view")
@@ -272,6 +296,12 @@ class SliceDashboard:
             grid.add_row("", Text(sparkline(drift), style="cyan") + Text(f"  max {max(drift):.2f} px", style="dim"))
         grid.add_row("focus", f"{_num(s.focus, '.3g')}   WD {_num(s.wd_mm, '.4f', ' mm')}   "
                               f"last autofocus slice {_num(s.last_autofocus_slice, 'd')}")
+        if analysis:
+            grid.add_row("aligned", _analysis_line(analysis))
+            if steps:
+                grid.add_row("", Text(sparkline(steps), style="green") + Text(f"  step per slice, max {max(steps):.2f} px",
+                                                                            style="dim"))
+            grid.add_row("QC", _qc_line(analysis))
         parts: list[RenderableType] = [grid]
         lines = [self._alert_text(a) for a in alerts] + [Text(m, style="yellow") for m in s.alerts]
         if lines:

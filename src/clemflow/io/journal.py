@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,24 +38,26 @@ class Journal:
         self.path = Path(path)
         self.clock = clock or RealClock()
         self.torn_lines = 0
+        self._lock = threading.Lock()  # the live analysis journals its alerts from its own thread
         events = list(self.events())
         self._seq = events[-1].seq + 1 if events else 0
         self._repair_tail()
 
     def append(self, step: str, outcome: str, **data: Any) -> JournalEvent:
         """Record that `step` ended with `outcome` (e.g. 'started', 'done', 'failed', 'skipped')."""
-        now = self.clock.now()
-        event = JournalEvent(self._seq, now, step, outcome, data)
-        record = {"seq": event.seq, "time": isoformat(now), "t": now, "step": step, "outcome": outcome, **data}
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._seq += 1
-        return event
+        with self._lock:
+            now = self.clock.now()
+            event = JournalEvent(self._seq, now, step, outcome, data)
+            record = {"seq": event.seq, "time": isoformat(now), "t": now, "step": step, "outcome": outcome, **data}
+            line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._seq += 1
+            return event
 
     def events(self) -> Iterator[JournalEvent]:
         """Every complete event, in order."""

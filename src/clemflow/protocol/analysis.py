@@ -19,7 +19,9 @@ class Alignment(ProtocolModel):
     coarse_sigma_px: float = Field(1.0, ge=0, le=10, description="Gaussian pre-filter on the binned slice.")
     long_range_every: int = Field(8, ge=2, le=64, description="Distance of the long-range reference, in slices.")
     min_confidence: float = Field(6.0, gt=0, description="Peak-to-sidelobe ratio below which the fallback runs.")
-    fine_model: Literal["none", "translation", "affine", "bspline"] = "affine"
+    fine_model: Literal["none", "translation", "affine"] = Field(
+        "affine", description="Fine registration to the z-median template. No B-spline: fitted freely it raises neighbour "
+        "correlation while moving structures by pixels.")
     fine_radius: int = Field(7, ge=1, le=50, description="Half-width of the z-median template, in slices.")
 
 

@@ -71,8 +71,9 @@ def auto_factor(shape: tuple[int, ...], target: int = WORK_SIZE) -> int:
 
 
 def _dot(a: F32, b: F32) -> float:
-    """Sum of a * b (BLAS; a strided view is copied first)."""
-    return float(np.vdot(np.ravel(a), np.ravel(b)))
+    """Sum of a * b, strided views as they are. Not BLAS: a threaded BLAS dot can stall for milliseconds
+    when the acquisition keeps the other cores busy."""
+    return float(np.einsum("ij,ij->", a, b))
 
 
 def _row_cross(a: F32, b: F32 | None = None) -> float:
@@ -187,8 +188,8 @@ def neighbour_ncc(earlier: Prepared, later: Prepared, step_dx: float, step_dy: f
     if pair is None:
         return float("nan")
     a, b = pair
-    a = a - a.mean(dtype=np.float64)
-    b = b - b.mean(dtype=np.float64)
+    a = a - np.float32(a.mean(dtype=np.float64))
+    b = b - np.float32(b.mean(dtype=np.float64))
     den = math.sqrt(_dot(a, a) * _dot(b, b))
     return _dot(a, b) / den if den > 0 else float("nan")
 
@@ -226,8 +227,8 @@ def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: floa
     a, b = pair
     m = 2  # keep the Fourier shift's edge ringing out
     a, b = a[m:-m, m:-m], b[m:-m, m:-m]
-    a = a - a.mean(dtype=np.float64)
-    b = b - b.mean(dtype=np.float64)
+    a = a - np.float32(a.mean(dtype=np.float64))
+    b = b - np.float32(b.mean(dtype=np.float64))
     sa, sb = _row_cross(a), _row_cross(b)
     if sa <= 0 or sb <= 0:
         return float("nan")

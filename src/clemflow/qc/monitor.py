@@ -2,10 +2,18 @@
 
 Every judgement that is not an absolute protocol limit is relative to a
 running robust baseline: the median (and median absolute deviation) of the
-last ``BASELINE_SLICES`` *good* slices. A slice that raised an alert, or
-that a lasting fault is active on, does not enter the baseline, so a fault
-does not teach the monitor that faulty is normal; comparisons between two
-slices enter only when both were good.
+last good values of that measure. Each measure is kept from the faults that
+move it (sharpness from defocused slices, brightness and contrast from
+charged ones, the slice-to-slice change from any pair with a faulty slice or
+an event), so a fault does not teach the monitor that faulty is normal,
+while the others keep following the tissue. Baselines are short (8 slices
+for levels, 12 for the change): faults are sudden, the tissue's own drift
+of these measures is slow (a slow loss of focus is FocusWatch's job in the
+slice-and-view engine, which holds a fixed reference between autofocus runs).
+
+The aligner is cross-checked: a jump it reports but that the images deny
+(the slice matches the previous one better unmoved) is said as a fooled
+registration ("low_confidence"), not as a drift jump.
 
 Faults come in two kinds. A lasting condition (defocus, charging,
 curtaining, low correlation or confidence) is said once at its onset, again
@@ -44,6 +52,7 @@ BASELINE_SLICES = 25  # good slices the running baseline remembers
 MIN_BASELINE = 5  # good slices needed before relative judgements start
 REPEAT_EVERY = 50  # slices between reminders of a lasting fault
 CLEAR_AFTER = 2  # consecutive good slices before a lasting fault counts as cleared
+HOLD = 0.8  # once on, a lasting condition holds until its value is back within this fraction of its limit
 MAX_CONTRAST_CHANGE = 0.25  # relative change of the signal SD that counts as charging
 JUMP_MIN_PX = 5.0  # a step below this is never a drift jump
 JUMP_MADS = 10.0  # ... nor one within this many robust SDs of the usual step
@@ -52,7 +61,7 @@ MISSING_CHANGE_RATIO = 2.2  # content change above this multiple of the usual on
 CHANGE_FLOOR = 0.003  # content change too small to judge a ratio of (estimation noise of the change measure)
 CHANGE_SLICES = 12  # the usual change is taken over fewer slices: it follows the tissue more closely
 MIN_CHANGE_BASELINE = 8  # ... and needs more of them first (it varies from slice to slice more than the rest)
-LEVEL_SLICES = 8  # so are brightness and contrast: charging is a sudden change, the tissue's own is slow
+LEVEL_SLICES = 8  # so are sharpness, brightness and contrast: faults are sudden, the tissue's own change is slow
 MIN_CONFIDENCE = 6.0  # peak-to-sidelobe ratio of the coarse registration (as Alignment.min_confidence)
 
 _MAD_TO_SD = 1.4826
@@ -141,7 +150,7 @@ class QCMonitor:
     def _baseline(self, name: str) -> _Baseline:
         if name not in self._base:
             size = {"change": CHANGE_SLICES, "change2": CHANGE_SLICES, "brightness": LEVEL_SLICES,
-                    "contrast": LEVEL_SLICES}.get(name, BASELINE_SLICES)
+                    "contrast": LEVEL_SLICES, "sharpness": LEVEL_SLICES}.get(name, BASELINE_SLICES)
             self._base[name] = _Baseline(size, MIN_CHANGE_BASELINE if name.startswith("change") else MIN_BASELINE)
         return self._base[name]
 
@@ -181,28 +190,20 @@ class QCMonitor:
         if prev_index is not None and index <= prev_index:
             raise ValueError(f"slice {index} arrived after slice {prev_index}: QC needs slices in acquisition order")
         prep, vals = self.measure(index, image, coarse)
-        s = self.settings
-        found: dict[str, tuple[bool, float, float, str]] = {}  # kind -> (active, value, threshold, message)
+        found: dict[str, _Finding] = {
+            "defocus": self._defocus(index, vals),
+            "charging": self._charging(index, vals),
+            "curtaining": self._curtaining(index, vals),
+        }
+        own = {k for k, f in found.items() if f.active}
+        prev_faulty = bool(self._recent and self._recent[-1][4])
 
-        # lasting conditions of the slice itself
-        b = self._baseline("sharpness")
-        if b.ready and b.median() > 0:
-            ratio = vals["sharpness"] / b.median()
-            found["defocus"] = (ratio < s.min_sharpness_ratio, ratio, s.min_sharpness_ratio,
-                                f"slice {index}: focus lost, sharpness {ratio:.0%} of the running median "
-                                f"(alert below {s.min_sharpness_ratio:.0%}) - check autofocus / working distance")
-        found["charging"] = self._charging(index, vals)
-        found["curtaining"] = (vals["stripes"] > s.max_stripe_energy, vals["stripes"], s.max_stripe_energy,
-                               f"slice {index}: curtaining, {vals['stripes']:.0%} of the image in vertical stripes "
-                               f"(alert above {s.max_stripe_energy:.0%}) - check the FIB current and the protective "
-                               "coating; consider a polish")
-        own_fault = any(found.get(k, (False,))[0] for k in ("defocus", "charging", "curtaining"))
-        prev_fault = bool(self._recent and self._recent[-1][4])
-        comparable = not own_fault and not prev_fault
-
-        # events between this slice and the previous ones
+        # events between this slice and the previous one
         events: list[QCAlert] = []
         jump = self._jump(index, vals)
+        step = (vals["step_dx"], vals["step_dy"])
+        if jump is not None and self._recent and self._jump_contradicted(index, prep, vals, coarse, events):
+            jump, step = None, (0.0, 0.0)
         if jump is not None:
             events.append(jump)
         if prev_index is not None and index > prev_index + 1:
@@ -210,41 +211,72 @@ class QCMonitor:
             events.append(QCAlert(index, "missing", "warning",
                                   f"slice {index}: {n} slice number(s) skipped after slice {prev_index} - "
                                   "check the acquisition and the slice files", float(n), 0.0))
-        elif comparable and jump is None:
+        elif not own and not prev_faulty and jump is None:
             events.extend(self._depth_events(index, vals))
 
         # the generic ones, only when nothing more specific explains them
-        specific = own_fault or bool(events)
-        ncc = vals["ncc"]
-        found["low_ncc"] = (not specific and math.isfinite(ncc) and ncc < s.min_neighbour_ncc, ncc,
-                            s.min_neighbour_ncc,
-                            f"slice {index}: correlation with the previous slice {ncc:.2f} (alert below "
-                            f"{s.min_neighbour_ncc:.2f}) - the slices do not match; check image quality and alignment")
-        conf = vals["confidence"]
-        unsure = coarse is not None and prev_index is not None and (conf < MIN_CONFIDENCE or coarse.fallback == "kept")
-        how = f", fallback: {coarse.fallback}" if coarse is not None and coarse.fallback else ""
-        found["low_confidence"] = (unsure and jump is None, conf, MIN_CONFIDENCE,
-                                   f"slice {index}: its shift against the previous slice is uncertain (PSR {conf:.1f}, "
-                                   f"trusted from {MIN_CONFIDENCE:.0f}{how}) - check for a blank or damaged slice")
-
+        specific = bool(own or events)
+        found["low_ncc"] = self._low_ncc(index, vals, specific)
+        found["low_confidence"] = self._low_confidence(index, vals, coarse, prev_index is None or specific)
         alerts = events + self._lasting_alerts(index, found)
-        self._learn(index, prep, vals, alerts, own_fault, prev_fault)
+        self._learn(prep, vals, own, bool(events), prev_faulty)
+        self._recent.append((index, prep, step[0], step[1], bool(own or events)))
         return SliceQC(index, vals, alerts)
 
-    def _charging(self, index: int, vals: dict[str, float]) -> tuple[bool, float, float, str]:
-        s = self.settings
+    def _holding(self, kind: str, onset: bool, hold: bool) -> bool:
+        """Whether a lasting condition is on: its onset test, or once on, the looser hold test (hysteresis, so
+        that a value hovering at the limit is said once, not on and off)."""
+        return onset or (kind in self._lasting and hold)
+
+    def _defocus(self, index: int, vals: dict[str, float]) -> _Finding:
+        thr = self.settings.min_sharpness_ratio
+        b = self._baseline("sharpness")
+        if not b.ready or b.median() <= 0:
+            return _Finding()
+        ratio = vals["sharpness"] / b.median()
+        active = self._holding("defocus", ratio < thr, ratio < 1 - HOLD * (1 - thr))
+        return _Finding(active, ratio, thr, f"slice {index}: focus lost, sharpness {ratio:.0%} of the running median "
+                                            f"(alert below {thr:.0%}) - check autofocus / working distance")
+
+    def _charging(self, index: int, vals: dict[str, float]) -> _Finding:
+        thr_b, thr_c = self.settings.max_brightness_drift, MAX_CONTRAST_CHANGE
         bb, bc = self._baseline("brightness"), self._baseline("contrast")
         if not (bb.ready and bc.ready) or bb.median() <= 0 or bc.median() <= 0:
-            return (False, float("nan"), s.max_brightness_drift, "")
+            return _Finding()
         db = vals["brightness"] / bb.median() - 1.0
         dc = vals["contrast"] / bc.median() - 1.0
-        if abs(db) / s.max_brightness_drift >= abs(dc) / MAX_CONTRAST_CHANGE:
-            return (abs(db) > s.max_brightness_drift, db, s.max_brightness_drift,
-                    f"slice {index}: brightness {db:+.0%} against the running median (alert beyond "
-                    f"{s.max_brightness_drift:.0%}) - charging? check the face, dose and detector settings")
-        return (abs(dc) > MAX_CONTRAST_CHANGE, dc, MAX_CONTRAST_CHANGE,
-                f"slice {index}: contrast {dc:+.0%} against the running median (alert beyond "
-                f"{MAX_CONTRAST_CHANGE:.0%}) - charging? check the face, dose and detector settings")
+        active = self._holding("charging", abs(db) > thr_b or abs(dc) > thr_c,
+                               abs(db) > HOLD * thr_b or abs(dc) > HOLD * thr_c)
+        what, value, thr = ("brightness", db, thr_b) if abs(db) / thr_b >= abs(dc) / thr_c else ("contrast", dc, thr_c)
+        return _Finding(active, value, thr, f"slice {index}: {what} {value:+.0%} against the running median (alert "
+                                            f"beyond {thr:.0%}) - charging? check the face, dose and detector settings")
+
+    def _curtaining(self, index: int, vals: dict[str, float]) -> _Finding:
+        thr = self.settings.max_stripe_energy
+        v = vals["stripes"]
+        active = self._holding("curtaining", v > thr, v > HOLD * thr)
+        return _Finding(active, v, thr, f"slice {index}: curtaining, {v:.0%} of the image in vertical stripes (alert "
+                                        f"above {thr:.0%}) - check the FIB current and the protective coating; "
+                                        "consider a polish")
+
+    def _low_ncc(self, index: int, vals: dict[str, float], explained: bool) -> _Finding:
+        thr = self.settings.min_neighbour_ncc
+        v = vals["ncc"]
+        if explained or not math.isfinite(v):
+            return _Finding()
+        active = self._holding("low_ncc", v < thr, v < thr + (1 - HOLD) * (1 - thr))
+        return _Finding(active, v, thr, f"slice {index}: correlation with the previous slice {v:.2f} (alert below "
+                                        f"{thr:.2f}) - the slices do not match; check image quality and alignment")
+
+    def _low_confidence(self, index: int, vals: dict[str, float], coarse: CoarseShift | None,
+                        explained: bool) -> _Finding:
+        if coarse is None or explained:
+            return _Finding()
+        conf = vals["confidence"]
+        how = f", fallback: {coarse.fallback}" if coarse.fallback else ""
+        return _Finding(conf < MIN_CONFIDENCE or coarse.fallback == "kept", conf, MIN_CONFIDENCE,
+                        f"slice {index}: its shift against the previous slice is uncertain (PSR {conf:.1f}, trusted "
+                        f"from {MIN_CONFIDENCE:.0f}{how}) - check for a blank or damaged slice")
 
     def _jump(self, index: int, vals: dict[str, float]) -> QCAlert | None:
         s = self.settings
@@ -261,6 +293,23 @@ class QCMonitor:
                        f"slice {index}: the image jumped {step:.1f} px (dx {vals['step_dx']:+.1f}, dy "
                        f"{vals['step_dy']:+.1f}) against the previous slice{usual} - stage or beam jump; check "
                        "the stage, the beam shift and the fiducial", step, limit)
+
+    def _jump_contradicted(self, index: int, prep: m.Prepared, vals: dict[str, float], coarse: CoarseShift | None,
+                           events: list[QCAlert]) -> bool:
+        """A reported jump that the images deny: the slice matches the previous one better where it was. Then the
+        registration was fooled (say so); the neighbour measures are taken again without the jump."""
+        p1 = self._recent[-1][1]
+        still = 1.0 - m.similarity(p1, prep, 0.0, 0.0)
+        if not still < vals["change"]:
+            return False
+        conf = f" (PSR {coarse.confidence:.0f})" if coarse is not None else ""
+        events.append(QCAlert(index, "low_confidence", "warning",
+                              f"slice {index}: the registration reports a jump of {vals['step']:.1f} px{conf}, but the "
+                              "slice matches the previous one better unmoved - the aligner was fooled; check this "
+                              "slice's alignment", vals["step"], still))
+        vals["change"] = still
+        vals["ncc"] = m.neighbour_ncc(p1, prep, 0.0, 0.0)
+        return True
 
     def _depth_events(self, index: int, vals: dict[str, float]) -> list[QCAlert]:
         b = self._baseline("change")
@@ -282,44 +331,52 @@ class QCMonitor:
                             ratio, MISSING_CHANGE_RATIO)]
         return []
 
-    def _lasting_alerts(self, index: int, found: dict[str, tuple[bool, float, float, str]]) -> list[QCAlert]:
+    def _lasting_alerts(self, index: int, found: dict[str, _Finding]) -> list[QCAlert]:
         out: list[QCAlert] = []
         for kind in LASTING:
-            active, value, threshold, message = found.get(kind, (False, float("nan"), float("nan"), ""))
+            f = found.get(kind, _Finding())
             state = self._lasting.get(kind)
-            if active:
+            if f.active:
                 if state is None:
                     self._lasting[kind] = _Lasting(index, index)
-                    out.append(QCAlert(index, kind, "warning", message, value, threshold))
+                    out.append(QCAlert(index, kind, "warning", f.message, f.value, f.threshold))
                 else:
                     state.good_run = 0
                     if index - state.last_said >= REPEAT_EVERY:
                         state.last_said = index
-                        out.append(QCAlert(index, kind, "warning",
-                                           f"{message} (for {index - state.since + 1} slices now)", value, threshold))
+                        out.append(QCAlert(index, kind, "warning", f"{f.message} (for {index - state.since + 1} "
+                                                                   "slices now)", f.value, f.threshold))
             elif state is not None:
                 state.good_run += 1
                 if state.good_run >= CLEAR_AFTER:
                     del self._lasting[kind]
-                    out.append(QCAlert(index, kind, "info",
-                                       f"slice {index}: {kind.replace('_', ' ')} cleared (since slice {state.since})",
-                                       value, threshold))
+                    out.append(QCAlert(index, kind, "info", f"slice {index}: {kind.replace('_', ' ')} cleared "
+                                                            f"(since slice {state.since})", f.value, f.threshold))
         return out
 
-    def _learn(self, index: int, prep: m.Prepared, vals: dict[str, float], alerts: list[QCAlert], own_fault: bool,
-               prev_fault: bool) -> None:
-        """Good values into the baselines; the slice into the neighbour memory."""
-        raised = any(a.level != "info" for a in alerts)
-        pending = any(k in self._lasting for k in ("defocus", "charging", "curtaining"))
-        if not own_fault and not raised and not pending:
-            for name in ("sharpness", "brightness", "contrast"):
-                self._baseline(name).add(vals[name])
-            if not prev_fault:
-                self._baseline("step").add(vals["step"])
-                self._baseline("change").add(vals["change"])
-                if not (self._recent and len(self._recent) == 2 and self._recent[0][4]):
-                    self._baseline("change2").add(vals["change2"])
-        self._recent.append((index, prep, vals["step_dx"], vals["step_dy"], own_fault or raised))
+    def _learn(self, prep: m.Prepared, vals: dict[str, float], own: set[str], event: bool, prev_faulty: bool) -> None:
+        """Good values into the baselines, each measure kept from the faults that move it."""
+        if "defocus" not in own:
+            self._baseline("sharpness").add(vals["sharpness"])
+        if "charging" not in own:
+            self._baseline("brightness").add(vals["brightness"])
+            self._baseline("contrast").add(vals["contrast"])
+        if own or event or prev_faulty:
+            return  # comparisons with a faulty slice say nothing about the usual step
+        self._baseline("step").add(vals["step"])
+        self._baseline("change").add(vals["change"])
+        if not (len(self._recent) == 2 and self._recent[0][4]):
+            self._baseline("change2").add(vals["change2"])
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """One lasting condition judged on one slice."""
+
+    active: bool = False
+    value: float = float("nan")
+    threshold: float = float("nan")
+    message: str = ""
 
 
 def _float(v: Any) -> float:

@@ -36,6 +36,15 @@ def test_demo_prints_the_estimate(cli, tmp_path):
     (run,) = tmp_path.glob("run-*")
     assert (run / "fibsem" / "sem_face.png").stat().st_size > 10_000
     assert (run / "fibsem" / "ion_trench.png").stat().st_size > 10_000
+    # slice-and-view: every slice aligned and QC'd as it arrived (across the stop and resume), pictures drawn
+    import csv
+
+    aligned = run / "slice-and-view" / "run" / "aligned"
+    rows = list(csv.DictReader((aligned / "transforms.csv").open()))
+    assert [int(r["slice"]) for r in rows] == list(range(1, 41))
+    assert len(list(csv.DictReader((aligned / "qc.csv").open()))) == 40
+    for name in ("reslice_xz.png", "reslice_yz.png", "drift.png", "qc.png"):
+        assert (aligned / name).stat().st_size > 10_000, name
 
 
 def test_duration_limit_stops_first():

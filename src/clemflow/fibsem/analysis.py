@@ -68,6 +68,7 @@ class LiveAnalysis:
         self.last_qc: SliceQC | None = None
         self.last_shift: CoarseShift | None = None
         self._first_index: int | None = None
+        self._face_top: int | None = None
         self._stores: tuple[AlignedVolumeWriter, AlignedVolumeWriter | None] | None = None
         self._csv: TransformsCsv | None = None
         self._qclog: QCLog | None = None
@@ -135,16 +136,22 @@ class LiveAnalysis:
         self._started = True
         records = [r for r in read_stream(self.run_dir) if "index" in r]
         self._first_index = int(records[0]["index"]) if records else int(first["index"])
+        if records and records[0].get("face_top_px") is not None:
+            self._face_top = None
+            self._read_face_top(records[0])
         self.out.mkdir(parents=True, exist_ok=True)
         done = {t.index: t for t in read_transforms(self.out / "transforms.csv")} if (self.out / "transforms.csv").exists() else {}
         self._done = set(done)
         earlier = [r for r in records if int(r["index"]) < int(first["index"])]
         prime_from = max(self.settings.fine_radius + self.settings.long_range_every * 2, BASELINE_SLICES)
         finished = [r for r in earlier if int(r["index"]) in done]
+        previous = None
         for r in finished[-prime_from:]:
             t = done[int(r["index"])]
             image = self._read(r)
-            shift = CoarseShift(t.index, t.coarse_dx, t.coarse_dy, 0.0, 0.0, t.confidence)
+            step = (0.0, 0.0) if previous is None else (previous.coarse_dx - t.coarse_dx, previous.coarse_dy - t.coarse_dy)
+            shift = CoarseShift(t.index, t.coarse_dx, t.coarse_dy, step[0], step[1], t.confidence)
+            previous = t
             self.pipeline.prime(t.index, image, shift)
             self.monitor.add(t.index, image, shift)  # rebuilds the QC baseline; its answers were given before
         for r in earlier:
@@ -154,7 +161,16 @@ class LiveAnalysis:
     # ------------------------------------------------------------------ one slice
 
     def _read(self, record: dict[str, Any]) -> np.ndarray:
-        return tifffile.imread(self.run_dir / record["path"])
+        """The slice's face: rows above the face edge show the block surface, which rises with every slice and
+        would pull the alignment (the first slice's edge holds for the run, so the volume keeps one frame)."""
+        image = tifffile.imread(self.run_dir / record["path"])
+        if self._face_top is None:
+            self._read_face_top(record, image.shape[0])
+        return image[self._face_top or 0:]
+
+    def _read_face_top(self, record: dict[str, Any], rows: int | None = None) -> None:
+        top = int(record.get("face_top_px") or 0)
+        self._face_top = top if top >= 0 and (rows is None or top < rows // 2) else 0
 
     def _open_outputs(self, record: dict[str, Any], image: np.ndarray) -> None:
         pixel = record.get("pixel_size_m")

@@ -304,7 +304,8 @@ class SliceCycle:
         record = {"index": index, "path": str(path.relative_to(ctx.run_dir)), "depth_m": plan.depth_after(index),
                   "thickness_m": plan.thickness_m, "pixel_size_m": instrument.get("pixel_size_m"),
                   "start_time": instrument.get("start_time"), "end_time": instrument.get("end_time"),
-                  "tracking": self.tracking.as_json(), "fiducial": fiducial, "focus": focus}
+                  "tracking": self.tracking.as_json(), "fiducial": fiducial, "focus": focus,
+                  "face_top_px": int(math.ceil(self._edge_row(index) + FACE_MARGIN_PX))}  # rows above: block surface
         ctx.journal.append("slice", "saved", **record)
         memory.saved = record
         self.stream.publish(record)

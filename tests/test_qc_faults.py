@@ -28,7 +28,7 @@ SPECIMEN_FAULTS = [
     Fault("defocus", 38, 6, 10.0),
     Fault("charging", 54, 2, 0.28, 1.0),
     Fault("missing", 64),
-    Fault("curtaining", 74, 10, 18.0),
+    Fault("curtaining", 74, 10, 1.1),
     Fault("charging", 93, 2, 0.0, 0.55),
     Fault("duplicate", 103),
     Fault("missing", 112),

@@ -7,9 +7,10 @@ the faults an operator wants to hear about:
 
 - ``defocus``: the working distance off by ``strength`` µm for a few slices
   (blur of 2.5 nm per µm: 8-14 µm is 2-3.5 px at 10 nm, plainly soft);
-- ``charging``: a sudden brightness and/or contrast change, with more
-  charging streaks, for a few slices;
-- ``curtaining``: strong vertical stripes from a slice on, for a stretch;
+- ``charging``: a sudden brightness (22-35 %) and/or contrast (x 0.5-0.65 or
+  1.45-1.7) change of the whole frame, for a few slices;
+- ``curtaining``: vertical stripes as strong as the tissue's own contrast (SD 0.9-1.3 x the
+  tissue's signal SD) from a slice on, for a stretch;
 - ``drift_jump``: the field jumps by ``strength`` px (20-40) and stays there;
 - ``duplicate``: the FIB did not mill, the same depth imaged again (fresh noise);
 - ``missing``: a depth skipped (the cut went two slices deep).
@@ -45,7 +46,7 @@ class Fault:
     start: int
     length: int = 1
     strength: float = 0.0  # defocus: focus error µm; charging: brightness change (fraction); curtaining: stripe SD
-    # (grey levels); drift_jump: px; duplicate/missing: unused
+    # (in units of the tissue's signal SD); drift_jump: px; duplicate/missing: unused
     extra: float = 0.0  # charging: contrast gain; drift_jump: direction (rad)
 
     @property
@@ -81,8 +82,8 @@ class SeriesSetup:
     start_depth_um: float = 0.0
     drift_step_nm: float = 5.0  # random walk SD per slice and axis
     charging_strength: float = 0.5
-    curtaining_strength: float = 0.5  # the renderer's sparse, block-anchored curtains
-    faint_curtain_grey: float = 2.0  # SD of a dense, faint stripe pattern always present (grey levels)
+    curtaining_strength: float = 0.3  # the renderer's sparse, block-anchored curtains
+    faint_curtains: float = 0.1  # SD of a dense, faint stripe pattern always present (x the tissue's signal SD)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,7 +108,7 @@ def plan_faults(n_slices: int, per_kind: int, seed: int, kinds: Sequence[str] = 
             strength = float(rng.uniform(0.22, 0.35) * rng.choice([-1, 1])) if mode != 1 else 0.0
             extra = float(rng.choice([rng.uniform(0.5, 0.65), rng.uniform(1.45, 1.7)])) if mode != 0 else 1.0
         elif kind == "curtaining":
-            strength, extra = float(rng.uniform(14.0, 22.0)), 0.0
+            strength, extra = float(rng.uniform(0.9, 1.3)), 0.0
         elif kind == "drift_jump":
             strength, extra = float(rng.uniform(20.0, 40.0)), float(rng.uniform(0, 2 * np.pi))
         else:
@@ -192,6 +193,15 @@ def pick_field(world: Any, seed: int, pixel_size_nm: float = 10.0, shape: tuple[
     return face, (u, v)
 
 
+def _signal_sd(world: Any, setup: SeriesSetup, seed: int) -> float:
+    """The tissue's grey-level SD in the field without the noise: the covariance of two renders of the first
+    slice that differ only in their noise."""
+    a, b = (render_em_slice(world, setup.start_depth_um, setup.center_um, setup.pixel_size_nm, setup.shape,
+                            face=setup.face, seed=k, dtype="uint16")[0].astype(np.float64) / 257.0
+            for k in (seed + 1_000_003, seed + 2_000_003))
+    return float(np.sqrt(max(np.mean((a - a.mean()) * (b - b.mean())), 1.0)))
+
+
 def fault_series(world: Any, setup: SeriesSetup, n_slices: int, faults: Sequence[Fault], seed: int = 0
                  ) -> Iterator[FaultSlice]:
     """Render the series slice by slice (a generator: a QC can consume it as a run would)."""
@@ -213,6 +223,7 @@ def fault_series(world: Any, setup: SeriesSetup, n_slices: int, faults: Sequence
     half = w * p_um
     around = (setup.center_um[0] - half, setup.center_um[0] + half)  # where the field can drift to
     mill = 0  # slices milled so far: the face depth
+    tissue_sd = _signal_sd(world, setup, seed)
     for i in range(n_slices):
         active = [f for f in faults if f.covers(i)]
         kinds = tuple(f.kind for f in active)
@@ -224,8 +235,6 @@ def fault_series(world: Any, setup: SeriesSetup, n_slices: int, faults: Sequence
         for f in active:
             if f.kind == "defocus":
                 imp = imp.model_copy(update={"focus_error_um": f.strength})
-            elif f.kind == "charging":
-                imp = imp.model_copy(update={"charging": True, "charging_strength": max(3.0, 4 * setup.charging_strength)})
         img16, meta = render_em_slice(world, depth, setup.center_um, setup.pixel_size_nm, setup.shape,
                                       imperfections=imp, seed=seed, face=setup.face, slice_index=i, drift_model=drift,
                                       dtype="uint16")
@@ -233,10 +242,10 @@ def fault_series(world: Any, setup: SeriesSetup, n_slices: int, faults: Sequence
         bx, _ = meta["drift"]["beam_offset_nm"]
         u = setup.center_um[0] + bx * 1e-3 + cols_um  # face position of each column: curtains stay on the block
         wobble = 0.8 + 0.2 * np.sin(depth / 0.3 + faint_phase)
-        stripes = _stripes(u, seed, setup.faint_curtain_grey * wobble, around)
+        stripes = _stripes(u, seed, setup.faint_curtains * tissue_sd * wobble, around)
         for f in active:
             if f.kind == "curtaining":
-                stripes = stripes + _stripes(u, seed + 7919 * (f.start + 1), f.strength, around, 0.08)
+                stripes = stripes + _stripes(u, seed + 7919 * (f.start + 1), f.strength * tissue_sd, around, 0.08)
         grey += stripes[None, :]
         for f in active:
             if f.kind == "charging":

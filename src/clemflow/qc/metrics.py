@@ -28,9 +28,11 @@ from ..align.phase import bin_image
 from ..fibsem.focus import sharpness as _focus_sharpness
 
 __all__ = [
+    "Comparison",
     "Prepared",
     "auto_factor",
     "brightness",
+    "compare",
     "contrast",
     "neighbour_ncc",
     "prepare",
@@ -43,7 +45,7 @@ __all__ = [
 WORK_SIZE = 512  # binned side length the measures work at
 SHARPNESS_CROP = 768  # full-resolution central crop for the focus measure (its cost grows with area)
 STRIPE_BANDS = 8  # horizontal bands whose column profiles must agree for a stripe to count
-CONTRAST_SIZE = 64  # contrast is taken on a copy binned to about this size: blur and curtains barely touch it
+CONTRAST_SIZE = 32  # contrast is taken on a copy binned to about this size: blur and curtains barely touch it
 MIN_OVERLAP = 16  # binned px: less overlap than this after a shift leaves nothing to compare
 
 F32 = NDArray[np.float32]
@@ -128,7 +130,7 @@ def brightness(prep: Prepared) -> float:
 
 
 def contrast(prep: Prepared) -> float:
-    """Grey-level SD of the signal at a coarse scale (about 1/64 of the field). Charging flattens or boosts it.
+    """Grey-level SD of the signal at a coarse scale (about 1/32 of the field). Charging flattens or boosts it.
 
     Coarse, so that defocus (which lowers fine detail only) does not read as a
     contrast change; column and row means removed, so that curtains and the
@@ -205,6 +207,45 @@ def _fraction_shift(prep: Prepared, fx: float, fy: float) -> F32:
     return sfft.irfft2(prep.spectrum * ry * rx, s=(h, w)).astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Two slices compared where they show the same place (after the measured shift)."""
+
+    similarity: float  # correlation of the signals, noise removed: 1 = the same content
+    gain: float  # signal SD of the later slice over the earlier's, same place: a contrast change
+    level: float  # mean grey of the later slice over the earlier's, same place: a brightness change
+
+
+def compare(earlier: Prepared, later: Prepared, step_dx: float, step_dy: float) -> Comparison:
+    """:func:`similarity`, and the contrast and brightness ratios of the same place in the two slices.
+
+    The ratios are what charging shows without the tissue's part: over one
+    field a big organelle entering or leaving moves the frame's mean and SD
+    by tens of percent, but the same place one slice deeper looks nearly the
+    same, so a gain or offset change of the detector stands out.
+    """
+    nan = float("nan")
+    f = later.factor
+    dx, dy = step_dx / f, step_dy / f
+    ix, iy = round(dx), round(dy)
+    moved_back = _fraction_shift(later, -(dx - ix), -(dy - iy))
+    pair = _overlap(earlier.binned, moved_back, ix, iy)
+    if pair is None:
+        return Comparison(nan, nan, nan)
+    a, b = pair
+    e = 2  # keep the Fourier shift's edge ringing out
+    a, b = a[e:-e, e:-e], b[e:-e, e:-e]
+    ma, mb = float(a.mean(dtype=np.float64)), float(b.mean(dtype=np.float64))
+    # row means out: streaks along the scan lines (charging, line noise) belong to one frame, not to the tissue
+    a = a - a.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    b = b - b.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    sa, sb = _row_cross(a), _row_cross(b)
+    level = (later.mean + mb) / (earlier.mean + ma) if earlier.mean + ma > 0 else nan
+    if sa <= 0 or sb <= 0:
+        return Comparison(nan, nan, level)
+    return Comparison(_row_cross(a, b) / math.sqrt(sa * sb), math.sqrt(sb / sa), level)
+
+
 def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: float) -> float:
     """Correlation of the two slices' *signals* (noise removed) after the measured shift: 1 = the same content.
 
@@ -214,25 +255,11 @@ def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: floa
     about four times the usual change, for structures that move steadily
     through the slices) from the usual step. Noise-free because it uses only
     covariances between different rows or different images; contrast-free
-    because it is a correlation. The sub-pixel part of the shift is applied
-    exactly (a residual shift would read as change).
+    because it is a correlation; blind to streaks along the scan lines (row
+    means are removed), which belong to one frame. The sub-pixel part of the
+    shift is applied exactly (a residual shift would read as change).
     """
-    f = later.factor
-    dx, dy = step_dx / f, step_dy / f
-    ix, iy = round(dx), round(dy)
-    moved_back = _fraction_shift(later, -(dx - ix), -(dy - iy))
-    pair = _overlap(earlier.binned, moved_back, ix, iy)
-    if pair is None:
-        return float("nan")
-    a, b = pair
-    m = 2  # keep the Fourier shift's edge ringing out
-    a, b = a[m:-m, m:-m], b[m:-m, m:-m]
-    a = a - np.float32(a.mean(dtype=np.float64))
-    b = b - np.float32(b.mean(dtype=np.float64))
-    sa, sb = _row_cross(a), _row_cross(b)
-    if sa <= 0 or sb <= 0:
-        return float("nan")
-    return _row_cross(a, b) / math.sqrt(sa * sb)
+    return compare(earlier, later, step_dx, step_dy).similarity
 
 
 def stripe_energy(prep: Prepared) -> float:

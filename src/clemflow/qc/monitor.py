@@ -44,20 +44,22 @@ AlertKind = Literal["defocus", "charging", "curtaining", "drift_jump", "duplicat
 ALERT_KINDS: tuple[str, ...] = ("defocus", "charging", "curtaining", "drift_jump", "duplicate", "missing", "low_ncc",
                                 "low_confidence")
 METRICS: tuple[str, ...] = ("ncc", "ncc2", "change", "change2", "step", "step_dx", "step_dy", "confidence",
-                            "sharpness", "snr", "brightness", "contrast", "stripes")  # what SliceQC.metrics holds
+                            "sharpness", "snr", "brightness", "contrast", "brightness_change", "contrast_change",
+                            "stripes")  # what SliceQC.metrics holds
 LASTING = ("defocus", "charging", "curtaining", "low_ncc", "low_confidence")
 
 # Constants the protocol (LiveQC) does not carry yet.
 BASELINE_SLICES = 25  # good slices the running baseline remembers
 MIN_BASELINE = 5  # good slices needed before relative judgements start
-REPEAT_EVERY = 50  # slices between reminders of a lasting fault
+REPEAT_EVERY = 50  # slices between reminders of a lasting fault; a relative one (defocus, charging) is then taken
+# as the new reference instead: after that long it is the run's state, and a baseline must not stay frozen forever
 CLEAR_AFTER = 2  # consecutive good slices before a lasting fault counts as cleared
 HOLD = 0.8  # once on, a lasting condition holds until its value is back within this fraction of its limit
 MAX_CONTRAST_CHANGE = 0.25  # relative change of the signal SD that counts as charging
 JUMP_MIN_PX = 5.0  # a step below this is never a drift jump
 JUMP_MADS = 10.0  # ... nor one within this many robust SDs of the usual step
 DUPLICATE_CHANGE_RATIO = 0.3  # content change below this fraction of the usual one: the same depth imaged again
-MISSING_CHANGE_RATIO = 2.2  # content change above this multiple of the usual one: a depth skipped
+MISSING_CHANGE_RATIO = 2.5  # content change above this multiple of the usual one: a depth skipped
 CHANGE_FLOOR = 0.003  # content change too small to judge a ratio of (estimation noise of the change measure)
 CHANGE_SLICES = 12  # the usual change is taken over fewer slices: it follows the tissue more closely
 MIN_CHANGE_BASELINE = 8  # ... and needs more of them first (it varies from slice to slice more than the rest)
@@ -65,6 +67,7 @@ LEVEL_SLICES = 8  # so are sharpness, brightness and contrast: faults are sudden
 MIN_CONFIDENCE = 6.0  # peak-to-sidelobe ratio of the coarse registration (as Alignment.min_confidence)
 
 _MAD_TO_SD = 1.4826
+_REFERENCED = {"defocus": ("sharpness",), "charging": ("brightness_chain", "contrast_chain")}  # judged by baselines
 
 
 @dataclass(frozen=True)
@@ -145,18 +148,21 @@ class QCMonitor:
         self._recent: deque[tuple[int, m.Prepared, float, float, bool]] = deque(maxlen=2)  # index, prep, step, faulty
         self._base: dict[str, _Baseline] = {}
         self._lasting: dict[str, _Lasting] = {}
+        self._chain_b = self._chain_c = 0.0  # log brightness and contrast against the first slice, same place
         self.factor: int | None = None
 
     def _baseline(self, name: str) -> _Baseline:
         if name not in self._base:
-            size = {"change": CHANGE_SLICES, "change2": CHANGE_SLICES, "brightness": LEVEL_SLICES,
-                    "contrast": LEVEL_SLICES, "sharpness": LEVEL_SLICES}.get(name, BASELINE_SLICES)
+            size = {"change": CHANGE_SLICES, "change2": CHANGE_SLICES, "brightness_chain": LEVEL_SLICES,
+                    "contrast_chain": LEVEL_SLICES, "sharpness": LEVEL_SLICES}.get(name, BASELINE_SLICES)
             self._base[name] = _Baseline(size, MIN_CHANGE_BASELINE if name.startswith("change") else MIN_BASELINE)
         return self._base[name]
 
     # ----------------------------------------------------------------- measuring
-    def measure(self, index: int, image: ArrayLike, coarse: CoarseShift | None = None) -> tuple[m.Prepared, dict[str, float]]:
-        """The measures of one slice against the slices held (no judgement, no state change)."""
+    def measure(self, index: int, image: ArrayLike, coarse: CoarseShift | None = None
+                ) -> tuple[m.Prepared, dict[str, float], m.Comparison | None]:
+        """The measures of one slice against the slices held (no judgement, no state change); also the
+        comparison with the previous slice (None for the first)."""
         a = np.asarray(image)
         if self.factor is None:
             self.factor = m.auto_factor(a.shape)
@@ -171,17 +177,20 @@ class QCMonitor:
             "confidence": float(coarse.confidence) if coarse is not None else nan,
             "ncc": nan, "ncc2": nan, "change": nan, "change2": nan,
             "sharpness": prep.sharpness, "snr": m.snr(prep), "brightness": m.brightness(prep),
-            "contrast": m.contrast(prep), "stripes": m.stripe_energy(prep),
+            "contrast": m.contrast(prep), "brightness_change": nan, "contrast_change": nan,
+            "stripes": m.stripe_energy(prep),
         }
+        comparison = None
         if self._recent:
             _, p1, sx1, sy1, _ = self._recent[-1]
             vals["ncc"] = m.neighbour_ncc(p1, prep, sx, sy)
-            vals["change"] = 1.0 - m.similarity(p1, prep, sx, sy)
+            comparison = m.compare(p1, prep, sx, sy)
+            vals["change"] = 1.0 - comparison.similarity
             if len(self._recent) == 2:
                 _, p2, _, _, _ = self._recent[0]
                 vals["ncc2"] = m.neighbour_ncc(p2, prep, sx + sx1, sy + sy1)
                 vals["change2"] = 1.0 - m.similarity(p2, prep, sx + sx1, sy + sy1)
-        return prep, vals
+        return prep, vals, comparison
 
     # ----------------------------------------------------------------- judging
     def add(self, index: int, image: ArrayLike, coarse: CoarseShift | None = None) -> SliceQC:
@@ -189,21 +198,31 @@ class QCMonitor:
         prev_index = self._recent[-1][0] if self._recent else None
         if prev_index is not None and index <= prev_index:
             raise ValueError(f"slice {index} arrived after slice {prev_index}: QC needs slices in acquisition order")
-        prep, vals = self.measure(index, image, coarse)
+        prep, vals, comparison = self.measure(index, image, coarse)
+
+        # a jump the aligner reports but the images deny: compare again where the slice was
+        events: list[QCAlert] = []
+        jump = self._jump(index, vals)
+        step = (vals["step_dx"], vals["step_dy"])
+        if jump is not None and self._recent:
+            again = self._jump_contradicted(index, prep, vals, coarse, events)
+            if again is not None:
+                comparison, unmoved = again
+                jump = None
+                if unmoved:
+                    step = (0.0, 0.0)
+        self._advance_chains(comparison, vals)
+
+        defocus = self._defocus(index, vals)
         found: dict[str, _Finding] = {
-            "defocus": self._defocus(index, vals),
-            "charging": self._charging(index, vals),
+            "defocus": defocus,
+            "charging": self._charging(index, vals, blurred=defocus.active),
             "curtaining": self._curtaining(index, vals),
         }
         own = {k for k, f in found.items() if f.active}
         prev_faulty = bool(self._recent and self._recent[-1][4])
 
         # events between this slice and the previous one
-        events: list[QCAlert] = []
-        jump = self._jump(index, vals)
-        step = (vals["step_dx"], vals["step_dy"])
-        if jump is not None and self._recent and self._jump_contradicted(index, prep, vals, coarse, events):
-            jump, step = None, (0.0, 0.0)
         if jump is not None:
             events.append(jump)
         if prev_index is not None and index > prev_index + 1:
@@ -219,7 +238,7 @@ class QCMonitor:
         found["low_ncc"] = self._low_ncc(index, vals, specific)
         found["low_confidence"] = self._low_confidence(index, vals, coarse, prev_index is None or specific)
         alerts = events + self._lasting_alerts(index, found)
-        self._learn(prep, vals, own, bool(events), prev_faulty)
+        self._learn(vals, own, bool(events), prev_faulty)
         self._recent.append((index, prep, step[0], step[1], bool(own or events)))
         return SliceQC(index, vals, alerts)
 
@@ -238,18 +257,34 @@ class QCMonitor:
         return _Finding(active, ratio, thr, f"slice {index}: focus lost, sharpness {ratio:.0%} of the running median "
                                             f"(alert below {thr:.0%}) - check autofocus / working distance")
 
-    def _charging(self, index: int, vals: dict[str, float]) -> _Finding:
+    def _advance_chains(self, comparison: m.Comparison | None, vals: dict[str, float]) -> None:
+        """Brightness and contrast as chains of slice-to-slice ratios of the same place: their logs add up to
+        the detector's level and gain against the first slice, free of what the tissue does to the frame."""
+        if comparison is not None:
+            if math.isfinite(comparison.level) and comparison.level > 0:
+                self._chain_b += math.log(comparison.level)
+            if math.isfinite(comparison.gain) and comparison.gain > 0:
+                self._chain_c += math.log(comparison.gain)
+        for name, chain, key in (("brightness_chain", self._chain_b, "brightness_change"),
+                                 ("contrast_chain", self._chain_c, "contrast_change")):
+            b = self._baseline(name)
+            vals[key] = math.expm1(chain - b.median()) if b.ready else float("nan")
+
+    def _charging(self, index: int, vals: dict[str, float], blurred: bool) -> _Finding:
+        """Brightness or contrast off the reference; a defocused slice is judged on brightness only (blur lowers
+        the contrast as well, and the defocus alert already explains that)."""
         thr_b, thr_c = self.settings.max_brightness_drift, MAX_CONTRAST_CHANGE
-        bb, bc = self._baseline("brightness"), self._baseline("contrast")
-        if not (bb.ready and bc.ready) or bb.median() <= 0 or bc.median() <= 0:
+        db, dc = vals["brightness_change"], vals["contrast_change"]
+        if blurred:
+            dc = 0.0
+        if not (math.isfinite(db) and math.isfinite(dc)):
             return _Finding()
-        db = vals["brightness"] / bb.median() - 1.0
-        dc = vals["contrast"] / bc.median() - 1.0
         active = self._holding("charging", abs(db) > thr_b or abs(dc) > thr_c,
                                abs(db) > HOLD * thr_b or abs(dc) > HOLD * thr_c)
         what, value, thr = ("brightness", db, thr_b) if abs(db) / thr_b >= abs(dc) / thr_c else ("contrast", dc, thr_c)
-        return _Finding(active, value, thr, f"slice {index}: {what} {value:+.0%} against the running median (alert "
-                                            f"beyond {thr:.0%}) - charging? check the face, dose and detector settings")
+        return _Finding(active, value, thr, f"slice {index}: {what} {value:+.0%} against the slices before, same "
+                                            f"place (alert beyond {thr:.0%}) - charging? check the face, dose and "
+                                            "detector settings")
 
     def _curtaining(self, index: int, vals: dict[str, float]) -> _Finding:
         thr = self.settings.max_stripe_energy
@@ -295,21 +330,29 @@ class QCMonitor:
                        "the stage, the beam shift and the fiducial", step, limit)
 
     def _jump_contradicted(self, index: int, prep: m.Prepared, vals: dict[str, float], coarse: CoarseShift | None,
-                           events: list[QCAlert]) -> bool:
-        """A reported jump that the images deny: the slice matches the previous one better where it was. Then the
-        registration was fooled (say so); the neighbour measures are taken again without the jump."""
+                           events: list[QCAlert]) -> tuple[m.Comparison, bool] | None:
+        """A reported jump that the images do not bear out: the slice matches the previous one better where it
+        was, or matches it badly at the jump too (more change than a skipped slice). Then the registration was
+        fooled or could not work (say so) and the better comparison is returned, with whether that is the one
+        without the jump; else None."""
         p1 = self._recent[-1][1]
-        still = 1.0 - m.similarity(p1, prep, 0.0, 0.0)
-        if not still < vals["change"]:
-            return False
+        still = m.compare(p1, prep, 0.0, 0.0)
+        b = self._baseline("change")
+        poor = b.ready and vals["change"] > MISSING_CHANGE_RATIO * (b.median() + CHANGE_FLOOR)
+        unmoved = 1.0 - still.similarity < vals["change"]
+        if not (unmoved or poor):
+            return None
         conf = f" (PSR {coarse.confidence:.0f})" if coarse is not None else ""
+        why = ("the slice matches the previous one better unmoved - the aligner was fooled" if unmoved else
+               "the slice does not match the previous one there either - a damaged or skipped slice?")
         events.append(QCAlert(index, "low_confidence", "warning",
-                              f"slice {index}: the registration reports a jump of {vals['step']:.1f} px{conf}, but the "
-                              "slice matches the previous one better unmoved - the aligner was fooled; check this "
-                              "slice's alignment", vals["step"], still))
-        vals["change"] = still
+                              f"slice {index}: the registration reports a jump of {vals['step']:.1f} px{conf}, but "
+                              f"{why}; check this slice's alignment", vals["step"], 1.0 - still.similarity))
+        if not unmoved:
+            return m.compare(p1, prep, vals["step_dx"], vals["step_dy"]), False
+        vals["change"] = 1.0 - still.similarity
         vals["ncc"] = m.neighbour_ncc(p1, prep, 0.0, 0.0)
-        return True
+        return still, True
 
     def _depth_events(self, index: int, vals: dict[str, float]) -> list[QCAlert]:
         b = self._baseline("change")
@@ -344,8 +387,13 @@ class QCMonitor:
                     state.good_run = 0
                     if index - state.last_said >= REPEAT_EVERY:
                         state.last_said = index
-                        out.append(QCAlert(index, kind, "warning", f"{f.message} (for {index - state.since + 1} "
-                                                                   "slices now)", f.value, f.threshold))
+                        lasting = f"{f.message} (for {index - state.since + 1} slices now"
+                        if kind in _REFERENCED:
+                            del self._lasting[kind]
+                            for name in _REFERENCED[kind]:
+                                self._base.pop(name, None)
+                            lasting += "; taken as the new reference from here"
+                        out.append(QCAlert(index, kind, "warning", lasting + ")", f.value, f.threshold))
             elif state is not None:
                 state.good_run += 1
                 if state.good_run >= CLEAR_AFTER:
@@ -354,13 +402,14 @@ class QCMonitor:
                                                             f"(since slice {state.since})", f.value, f.threshold))
         return out
 
-    def _learn(self, prep: m.Prepared, vals: dict[str, float], own: set[str], event: bool, prev_faulty: bool) -> None:
+    def _learn(self, vals: dict[str, float], own: set[str], event: bool, prev_faulty: bool) -> None:
         """Good values into the baselines, each measure kept from the faults that move it."""
-        if "defocus" not in own:
-            self._baseline("sharpness").add(vals["sharpness"])
-        if "charging" not in own:
-            self._baseline("brightness").add(vals["brightness"])
-            self._baseline("contrast").add(vals["contrast"])
+        levels = {"sharpness": vals["sharpness"], "brightness_chain": self._chain_b, "contrast_chain": self._chain_c}
+        for kind, names in _REFERENCED.items():
+            if kind not in own:
+                for name in names:
+                    if not (name == "contrast_chain" and "defocus" in own):  # a blur lowers the contrast too
+                        self._baseline(name).add(levels[name])
         if own or event or prev_faulty:
             return  # comparisons with a faulty slice say nothing about the usual step
         self._baseline("step").add(vals["step"])

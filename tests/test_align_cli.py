@@ -178,7 +178,7 @@ def test_another_alignment_or_a_foreign_folder_is_refused(cli, drift: dict, alig
 
 def test_protocol_sets_the_method(cli, drift: dict, protocols_dir: Path, tmp_path: Path) -> None:
     text = (protocols_dir / "fibsem_slice_and_view.yaml").read_text()
-    text = text.replace("alignment: {coarse_binning: 2, long_range_every: 8, fine_model: affine, fine_radius: 7}",
+    text = text.replace("alignment: {long_range_every: 8, fine_model: affine, fine_radius: 7}",
                         "alignment: {coarse_binning: 1, long_range_every: 8, fine_model: translation, fine_radius: 2}")
     assert "fine_model: translation" in text
     protocol = tmp_path / "p.yaml"

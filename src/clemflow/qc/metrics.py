@@ -236,9 +236,12 @@ def compare(earlier: Prepared, later: Prepared, step_dx: float, step_dy: float) 
     e = 2  # keep the Fourier shift's edge ringing out
     a, b = a[e:-e, e:-e], b[e:-e, e:-e]
     ma, mb = float(a.mean(dtype=np.float64)), float(b.mean(dtype=np.float64))
-    # row means out: streaks along the scan lines (charging, line noise) belong to one frame, not to the tissue
+    # row means out: streaks along the scan lines (charging, line noise) belong to one frame, not to the tissue;
+    # column means out: curtains are not tissue either (and stay from slice to slice)
     a = a - a.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
     b = b - b.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    a -= a.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+    b -= b.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
     sa, sb = _row_cross(a), _row_cross(b)
     level = (later.mean + mb) / (earlier.mean + ma) if earlier.mean + ma > 0 else nan
     if sa <= 0 or sb <= 0:
@@ -255,8 +258,8 @@ def similarity(earlier: Prepared, later: Prepared, step_dx: float, step_dy: floa
     about four times the usual change, for structures that move steadily
     through the slices) from the usual step. Noise-free because it uses only
     covariances between different rows or different images; contrast-free
-    because it is a correlation; blind to streaks along the scan lines (row
-    means are removed), which belong to one frame. The sub-pixel part of the
+    because it is a correlation; blind to streaks along the scan lines and to
+    curtains (row and column means are removed). The sub-pixel part of the
     shift is applied exactly (a residual shift would read as change).
     """
     return compare(earlier, later, step_dx, step_dy).similarity

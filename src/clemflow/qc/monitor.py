@@ -11,16 +11,23 @@ for levels, 12 for the change): faults are sudden, the tissue's own drift
 of these measures is slow (a slow loss of focus is FocusWatch's job in the
 slice-and-view engine, which holds a fixed reference between autofocus runs).
 
-The aligner is cross-checked: a jump it reports but that the images deny
-(the slice matches the previous one better unmoved) is said as a fooled
-registration ("low_confidence"), not as a drift jump.
+Brightness and contrast are judged as chains of ratios between neighbours
+over the place both show (:func:`metrics.compare`): the sum of their logs is
+the detector's level and gain against the first slice, which an organelle
+entering the field or a drift jump does not move, while charging does.
+
+The aligner is cross-checked: a jump it reports but that the images do not
+bear out (the slice matches the previous one better unmoved, or badly at the
+jump too) is said as a doubtful registration ("low_confidence"), not as a
+drift jump.
 
 Faults come in two kinds. A lasting condition (defocus, charging,
 curtaining, low correlation or confidence) is said once at its onset, again
 every ``REPEAT_EVERY`` slices while it lasts, and once more (level "info")
 when it has cleared for ``CLEAR_AFTER`` slices: a day-long run must not
-drown the operator in one alert per slice. An event (drift jump, duplicated
-or missing slice) belongs to one slice and is said at that slice.
+drown the operator in one alert per slice. It holds until its measure is
+back inside ``HOLD`` of the limit (hysteresis). An event (drift jump,
+duplicated or missing slice) belongs to one slice and is said at that slice.
 """
 
 from __future__ import annotations

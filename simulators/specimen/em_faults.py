@@ -84,7 +84,6 @@ class SeriesSetup:
     charging_strength: float = 0.5
     curtaining_strength: float = 0.3  # the renderer's sparse, block-anchored curtains
     faint_curtains: float = 0.1  # SD of a dense, faint stripe pattern always present (x the tissue's signal SD)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_faults(n_slices: int, per_kind: int, seed: int, kinds: Sequence[str] = FAULT_KINDS, lead: int = 15,

@@ -74,7 +74,7 @@ def test_phase_correlation_recovers_known_subpixel_shifts(janelia):
 
 @pytest.fixture(scope="module")
 def drifting_specimen():
-    """160 slices of the specimen (256 px, 10 nm) with drift, charging and curtaining; truth (x, y) per slice."""
+    """100 slices of the specimen (256 px, 10 nm) with drift, charging and curtaining; truth (x, y) per slice."""
     from clemflow.simulators.specimen import SpecimenParams, generate_world
     from clemflow.simulators.specimen.em import DriftModel, EMImperfections, face_through, render_em_slice
     from clemflow.simulators.specimen.preview import pick_cell
@@ -85,7 +85,7 @@ def drifting_specimen():
     imperfections = EMImperfections(drift=True, drift_jump_probability=0.02, charging=True, curtaining=True)
     drift = DriftModel.from_config(5, imperfections)
     images, truth = [], []
-    for i in range(160):
+    for i in range(100):
         image, meta = render_em_slice(world, -1.0 + 0.01 * i, (0.0, cell.height_um / 2), 10.0, (256, 256),
                                       imperfections=imperfections, seed=i, slice_index=i, drift_model=drift, face=face)
         images.append(image)

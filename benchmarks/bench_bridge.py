@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import queue
 import socket
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ import zmq
 
 from clemflow.bridge.backend import FrameRequest
 from clemflow.bridge.client import BridgeClient
+from clemflow.bridge.local import free_port_pair, serve_bridge
 
 GOAL_RATIO = 10.0
 ROUND_TRIPS = 2000
@@ -82,36 +82,10 @@ print(json.dumps({"p50": rt[len(rt) // 2], "p99": rt[int(len(rt) * 0.99)], "acqu
 """
 
 
-def free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
-
-
 def start_bridge(tmp: Path) -> tuple[subprocess.Popen, dict]:
-    port = free_port_pair()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", "sim-smartsem", "--bind", f"tcp://127.0.0.1:{port}",
-         "--sim-time-scale", "0", "--sim-world", "small", "--record", str(tmp / "record"), "--sim-state", str(tmp / "instrument")],
-        stdout=subprocess.PIPE, stderr=open(tmp / "bridge.log", "w"), text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        first = lines.get(timeout=120)
-    except queue.Empty:
-        first = ""
-    if not first:
-        proc.kill()
-        raise RuntimeError(f"bridge server did not start:\n{(tmp / 'bridge.log').read_text()[-2000:]}")
-    return proc, json.loads(first)
+    return serve_bridge(["--backend", "sim-smartsem", "--bind", f"tcp://127.0.0.1:{free_port_pair()}", "--sim-time-scale",
+                         "0", "--sim-world", "small", "--record", str(tmp / "record"), "--sim-state", str(tmp / "instrument")],
+                        tmp / "bridge.log", timeout_s=120)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

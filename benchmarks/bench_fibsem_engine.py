@@ -29,19 +29,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import queue
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from clemflow.bridge.client import BridgeClient
+from clemflow.bridge.local import free_port_pair, serve_bridge
 from clemflow.fibsem import cycle as cycle_module
 from clemflow.fibsem.engine import SliceAndViewEngine
 from clemflow.fibsem.estimate import RESIN_SPUTTER_YIELD_UM3_PER_NC
@@ -75,35 +72,11 @@ TARGETS = {"version": 1, "targets": [{"name": "cell", "sample": "B1", "label": "
                                       "em_stage_um": [-2690.657, 610.085]}]}
 
 
-def free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
-
-
 def start_bridge(tmp: Path) -> tuple[subprocess.Popen, str]:
     address = f"tcp://127.0.0.1:{free_port_pair()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", "sim-smartsem", "--bind", address,
-         "--sim-time-scale", "0", "--sim-world", "small", "--record", str(tmp / "record"), "--sim-state", str(tmp / "instrument")],
-        stdout=subprocess.PIPE, stderr=open(tmp / "bridge.log", "w"), text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        first = lines.get(timeout=120)
-    except queue.Empty:
-        first = ""
-    if not first:
-        proc.kill()
-        raise RuntimeError(f"bridge server did not start:\n{(tmp / 'bridge.log').read_text()[-2000:]}")
+    proc, _ = serve_bridge(["--backend", "sim-smartsem", "--bind", address, "--sim-time-scale", "0", "--sim-world", "small",
+                            "--record", str(tmp / "record"), "--sim-state", str(tmp / "instrument")], tmp / "bridge.log",
+                           timeout_s=120)
     return proc, address
 
 

@@ -8,11 +8,8 @@ mill log, so "executed once" is the instrument's word, not the client's.
 
 from __future__ import annotations
 
-import json
-import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -20,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ports import free_port_pair
 from clemflow.bridge.backend import MillPattern
 from clemflow.bridge.client import BridgeClient, BridgeError, BridgeUnavailable
+from clemflow.bridge.local import free_port_pair, serve_bridge
 from clemflow.simulators.fibsem import read_mill_log
 
 PATTERN = MillPattern("rectangle", (0.0, 0.0), 10e-6, 1e-6, 2e-6)
@@ -44,33 +41,11 @@ class ServerProcess:
 
     def start(self) -> dict:
         self.starts += 1
-        log = open(self.root / f"server-{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", self.backend, "--bind", self.address,
-             "--sim-time-scale", str(self.time_scale), "--sim-world", "small", "--heartbeat", str(self.heartbeat_s),
-             "--record", str(self.root / "record"), "--sim-state", str(self.state_dir)],
-            stdout=subprocess.PIPE, stderr=log, text=True)
-        log.close()
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                lines.put(line)
-            lines.put("")
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = ""
-            if not line:
-                self.kill()
-                raise RuntimeError(f"server did not start:\n{(self.root / f'server-{self.starts}.log').read_text()[-3000:]}")
-            if line.startswith("{") and json.loads(line).get("event") == "listening":
-                self.listening = json.loads(line)
-                return self.listening
+        self.proc, self.listening = serve_bridge(
+            ["--backend", self.backend, "--bind", self.address, "--sim-time-scale", str(self.time_scale), "--sim-world",
+             "small", "--heartbeat", str(self.heartbeat_s), "--record", str(self.root / "record"), "--sim-state",
+             str(self.state_dir)], self.root / f"server-{self.starts}.log")
+        return self.listening
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

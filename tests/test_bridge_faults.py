@@ -11,21 +11,17 @@ restarted server reports the mill `interrupted` without running it again.
 
 from __future__ import annotations
 
-import json
-import queue
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ports import free_port_pair
 from clemflow.bridge.backend import FAULT_NAMES, FrameRequest, MillPattern
 from clemflow.bridge.client import BridgeClient, BridgeError, BridgeUnavailable
 from clemflow.bridge.errors import ERRORS
+from clemflow.bridge.local import free_port_pair, serve_bridge
 from clemflow.bridge.server import BridgeServer
 from clemflow.cli.bridge_backends import BackendOptions, open_backend
 from clemflow.simulators.fibsem import read_mill_log
@@ -216,23 +212,10 @@ def test_network_drop(bench):
 
 
 def _serve(backend: str, address: str, root: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", backend, "--bind", address, "--sim-time-scale", "0",
-         "--sim-world", "small", "--heartbeat", "0.5", "--record", str(root / "record"), "--sim-state", str(root / "instrument")],
-        stdout=subprocess.PIPE, stderr=open(root / "server.log", "a"), text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")], daemon=True).start()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            line = ""
-        if not line:
-            proc.kill()
-            raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        if line.startswith("{") and json.loads(line).get("event") == "listening":
-            return proc
+    proc, _ = serve_bridge(["--backend", backend, "--bind", address, "--sim-time-scale", "0", "--sim-world", "small",
+                            "--heartbeat", "0.5", "--record", str(root / "record"), "--sim-state", str(root / "instrument")],
+                           root / "server.log")
+    return proc
 
 
 @pytest.mark.parametrize("backend", ["sim-smartsem"])  # the crash is the instrument's, shared by both look-alikes

@@ -16,11 +16,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+
+from clemflow.bridge.local import free_port_pair, wait_listening  # starting the server, not talking to it
 
 STARTUP_S = 90.0  # the openfibsem backend imports a large package
 REPLY_S = 10.0
@@ -146,47 +145,6 @@ class RawBridgeClient:
 # ----------------------------------------------------------------------------- the server
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P + 1 free (commands, events) on loopback."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of consecutive ports")
-
-
-def _read_listening(proc: subprocess.Popen, timeout_s: float) -> dict | None:
-    """The server's `{"event": "listening", ...}` stdout line (a vendor library may print before it)."""
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put("")
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return None
-        if not line:
-            return None
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                return event
-
-
 def _python_for(backend: str) -> str:
     if backend != "openfibsem":
         return sys.executable
@@ -204,7 +162,7 @@ def server(request, tmp_path):
     """A bridge server subprocess; yields (commands, events, listening line)."""
     backend = request.param
     python = _python_for(backend)
-    port = _free_port_pair()
+    port = free_port_pair()
     log = open(tmp_path / "server.log", "w")
     env = dict(os.environ, FIBSEM_SIM_NO_DELAY="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -214,7 +172,7 @@ def server(request, tmp_path):
         stdout=subprocess.PIPE, stderr=log, env=env, text=True,
     )
     try:
-        listening = _read_listening(proc, STARTUP_S)
+        listening = wait_listening(proc, STARTUP_S)
         if listening is None:
             proc.kill()
             proc.wait(10)

@@ -10,19 +10,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import tifffile
 
-from ports import free_port_pair
+from clemflow.bridge.local import free_port_pair, serve_bridge
 from clemflow.simulators.fibsem import read_mill_log
 
 TARGET_UM = (-2690.657, 610.085)  # a cell of the small simulated world (SimulatedFibSem.small: cell_stage_xy_m(0))
@@ -64,26 +61,10 @@ class BridgeServer:
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.root / f"server-{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clemflow", "bridge", "serve", "--backend", "sim-smartsem", "--bind", self.address,
-             "--sim-time-scale", str(self.time_scale), "--sim-world", "small", "--heartbeat", "0.5",
-             "--record", str(self.root / "record"), "--sim-state", str(self.state_dir), *self.extra],
-            stdout=subprocess.PIPE, stderr=log, text=True)
-        log.close()
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout] + [lines.put("")], daemon=True).start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = ""
-            if not line:
-                self.kill()
-                raise RuntimeError(f"server did not start:\n{(self.root / f'server-{self.starts}.log').read_text()[-3000:]}")
-            if line.startswith("{") and json.loads(line).get("event") == "listening":
-                return
+        self.proc, _ = serve_bridge(
+            ["--backend", "sim-smartsem", "--bind", self.address, "--sim-time-scale", str(self.time_scale), "--sim-world",
+             "small", "--heartbeat", "0.5", "--record", str(self.root / "record"), "--sim-state", str(self.state_dir),
+             *self.extra], self.root / f"server-{self.starts}.log")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .state import read_jsonl
 from .view import ElectronView
 
 __all__ = ["FRAME_LOG", "append_frame_log", "frame_record", "read_frame_log"]
@@ -54,13 +55,4 @@ def append_frame_log(state_dir: str | os.PathLike[str], record: dict[str, Any]) 
 
 def read_frame_log(state_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every electron frame's truth, oldest first (a line cut off by a crash is skipped)."""
-    path = Path(state_dir) / FRAME_LOG
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(Path(state_dir) / FRAME_LOG)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidPattern, OutOfRange
-from .state import LIMITS, Site
+from .state import LIMITS, Site, read_jsonl
 
 __all__ = ["CONTACT_UM", "MILL_LOG", "MillPlan", "add_pit", "append_mill_log", "normalise_patterns", "plan_mill",
            "read_mill_log"]
@@ -152,13 +152,4 @@ def append_mill_log(state_dir: Path, record: dict[str, Any]) -> None:
 
 def read_mill_log(state_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every mill executed, oldest first (a line cut off by a crash is skipped)."""
-    path = Path(state_dir) / MILL_LOG
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(Path(state_dir) / MILL_LOG)

@@ -167,3 +167,16 @@ def load_state(path: Path) -> InstrumentState:
         return InstrumentState()
     with open(path, encoding="utf-8") as f:
         return InstrumentState.from_json(json.load(f))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log, oldest first (a line cut off by a crash is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

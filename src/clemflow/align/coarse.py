@@ -99,7 +99,6 @@ class CoarseAligner:
         self._placed: deque[_Placed] = deque(maxlen=self.every // 2 + 2)
         self._long = _LongRangeSum(self.every)
         self._previous_raw: NDArray[np.generic] | None = None
-        self.shifts: list[CoarseShift] = []
 
     def add(self, index: int, image: NDArray[np.generic]) -> CoarseShift:
         """Measure slice ``index`` against the slices before it; the answer is final."""
@@ -153,9 +152,7 @@ class CoarseAligner:
         b = self.binning or 1
         self._placed.append(_Placed(index, spec, plain, x, y))
         self._previous_raw = image
-        shift = CoarseShift(index, -x * b, -y * b, sx * b, sy * b, conf, fallback, used)
-        self.shifts.append(shift)
-        return shift
+        return CoarseShift(index, -x * b, -y * b, sx * b, sy * b, conf, fallback, used)
 
     def _fallback(self, image: NDArray[np.generic], sx: float, sy: float, conf: float) -> tuple[float, float, float, str]:
         """Low confidence: try full resolution (centre up to 1024 px); else keep the neighbour's position."""

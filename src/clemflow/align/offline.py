@@ -31,17 +31,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..protocol.analysis import Alignment
 from .csvio import TransformsCsv, read_coarse, read_transforms, write_coarse
-from .display import display_slice
 from .sources import SliceSource, open_source
 from .transforms import CoarseShift, SliceTransform
-from .volume import AlignedVolumeWriter
+from .outputs import TRANSFORMS, AlignedStores
 
 __all__ = ["AlignmentFolderError", "ChunkJob", "OfflineResult", "align_chunk", "align_offline", "chunks_of"]
 
 MANIFEST = "alignment.json"
-ALIGNED = "aligned.ome.zarr"
-DISPLAY = "display.ome.zarr"
-TRANSFORMS = "transforms.csv"
 COARSE = "coarse.csv"
 
 
@@ -104,9 +100,7 @@ def align_offline(input_path: str | Path, out_dir: str | Path, settings: Alignme
         coarse, reused = _coarse_pass(source, settings, out / COARSE, bar)
         first = source.indices[0]
         depth = source.indices[-1] - first + 1
-        for name in (ALIGNED, DISPLAY) if display else (ALIGNED,):
-            AlignedVolumeWriter(out / name, source.shape, source.dtype if name == ALIGNED else "uint8", pixel,
-                                thickness, depth=depth, name=name.split(".")[0])
+        AlignedStores(out, source.shape, source.dtype, pixel, thickness, display=display, depth=depth)  # final size
         table = TransformsCsv(out / TRANSFORMS)
         done = table.written
         todo = [i for i in source.indices if i not in done]
@@ -131,12 +125,8 @@ def align_chunk(job: ChunkJob) -> list[SliceTransform]:
 
     radius = int(job.settings.fine_radius)
     out = Path(job.out_dir)
-    aligned_store = AlignedVolumeWriter(out / ALIGNED, job.source.shape, job.source.dtype, job.pixel_size_nm,
-                                        job.slice_thickness_nm)
-    display_store = None
-    if job.display:
-        display_store = AlignedVolumeWriter(out / DISPLAY, job.source.shape, "uint8", job.pixel_size_nm,
-                                            job.slice_thickness_nm)
+    stores = AlignedStores(out, job.source.shape, job.source.dtype, job.pixel_size_nm, job.slice_thickness_nm,
+                           display=job.display)
     raw: dict[int, NDArray[Any]] = {}
     cache: dict[int, NDArray[Any]] = {}  # align_fine's coarse-aligned binned slices, reused across the window
     results: list[SliceTransform] = []
@@ -150,10 +140,7 @@ def align_chunk(job: ChunkJob) -> list[SliceTransform]:
                 raw[j] = job.source.read(j)
         window = {j: raw[j] for j in wanted}
         result = align_fine(index, window, job.coarse, job.settings, cache=cache)
-        z = index - job.first_index
-        aligned_store.write(z, result.image)
-        if display_store is not None:
-            display_store.write(z, display_slice(result.image))
+        stores.write(index - job.first_index, result.image)
         results.append(result.transform)
     return results
 

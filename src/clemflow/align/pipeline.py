@@ -51,6 +51,7 @@ class AlignmentPipeline:
         self._shifts[index] = shift
         for j in [j for j in self._raw if j < index - 2 * self.radius]:
             del self._raw[j]
+            self._shifts.pop(j, None)
 
     def finish(self) -> list[AlignedSlice]:
         """Fine-align the slices still waiting for later neighbours (end of the run)."""
@@ -67,4 +68,5 @@ class AlignmentPipeline:
             for j in [j for j in self._raw if j < oldest_needed]:
                 del self._raw[j]
                 self._cache.pop(j, None)
+                self._shifts.pop(j, None)
         return out

@@ -29,11 +29,10 @@ import numpy as np
 import tifffile
 
 from ..align.csvio import TransformsCsv, read_transforms
-from ..align.display import display_slice
 from ..align.fine import AlignedSlice
+from ..align.outputs import TRANSFORMS, AlignedStores
 from ..align.pipeline import AlignmentPipeline
 from ..align.transforms import CoarseShift
-from ..align.volume import AlignedVolumeWriter
 from ..protocol.analysis import Alignment, LiveQC
 from ..qc.monitor import BASELINE_SLICES, QCMonitor, SliceQC
 from ..qc.qclog import QCLog
@@ -69,7 +68,7 @@ class LiveAnalysis:
         self.last_shift: CoarseShift | None = None
         self._first_index: int | None = None
         self._face_top: int | None = None
-        self._stores: tuple[AlignedVolumeWriter, AlignedVolumeWriter | None] | None = None
+        self._stores: AlignedStores | None = None
         self._csv: TransformsCsv | None = None
         self._qclog: QCLog | None = None
         self._done: set[int] = set()
@@ -140,7 +139,8 @@ class LiveAnalysis:
             self._face_top = None
             self._read_face_top(records[0])
         self.out.mkdir(parents=True, exist_ok=True)
-        done = {t.index: t for t in read_transforms(self.out / "transforms.csv")} if (self.out / "transforms.csv").exists() else {}
+        table = self.out / TRANSFORMS
+        done = {t.index: t for t in read_transforms(table)} if table.exists() else {}
         self._done = set(done)
         earlier = [r for r in records if int(r["index"]) < int(first["index"])]
         prime_from = max(self.settings.fine_radius + self.settings.long_range_every * 2, BASELINE_SLICES)
@@ -179,11 +179,8 @@ class LiveAnalysis:
         thickness = record.get("thickness_m")
         pixel_nm = float(pixel) * 1e9 if pixel else None
         thickness_nm = float(thickness) * 1e9 if thickness else None
-        aligned = AlignedVolumeWriter(self.out / "aligned.ome.zarr", image.shape[:2], image.dtype, pixel_nm, thickness_nm)
-        shown = (AlignedVolumeWriter(self.out / "display.ome.zarr", image.shape[:2], "uint8", pixel_nm, thickness_nm,
-                                     name="display") if self.display else None)
-        self._stores = (aligned, shown)
-        self._csv = TransformsCsv(self.out / "transforms.csv")
+        self._stores = AlignedStores(self.out, image.shape[:2], image.dtype, pixel_nm, thickness_nm, display=self.display)
+        self._csv = TransformsCsv(self.out / TRANSFORMS)
         self._qclog = QCLog(self.out)
 
     def _process(self, record: dict[str, Any]) -> None:
@@ -212,12 +209,8 @@ class LiveAnalysis:
     def _write_aligned(self, done: list[AlignedSlice]) -> None:
         if not done or self._stores is None or self._csv is None:
             return
-        aligned, shown = self._stores
         for a in done:
-            z = a.transform.index - (self._first_index or 0)
-            aligned.write(z, a.image)
-            if shown is not None:
-                shown.write(z, display_slice(a.image))
+            self._stores.write(a.transform.index - (self._first_index or 0), a.image)
             self._csv.write(a.transform)
             self._done.add(a.transform.index)
             self.aligned += 1

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ..align.outputs import ALIGNED, TRANSFORMS
+from .qclog import QC_CSV
+
 __all__ = [
     "VolumeGeometry",
     "qc_columns",
@@ -28,9 +31,7 @@ __all__ = [
     "write_reslices",
 ]
 
-ALIGNED = "aligned.ome.zarr"
-TRANSFORMS = "transforms.csv"
-QC = "qc.csv"
+QC = QC_CSV
 
 _KIND_COLOURS = {
     "defocus": "tab:purple", "charging": "tab:orange", "curtaining": "tab:brown", "drift_jump": "tab:red",

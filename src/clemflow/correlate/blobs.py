@@ -1,0 +1,40 @@
+"""Round objects found in a volume, in physical µm: what detection hands to registration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Blobs"]
+
+
+@dataclass(frozen=True, eq=False)
+class Blobs:
+    """Detected round objects: centres ``[x, y, z]`` µm (origin at the centre of voxel 0, 0, 0), radii, scores.
+
+    ``score`` is detector-specific evidence (contrast over the local background); larger is surer.
+    """
+
+    center_um: np.ndarray  # (N, 3) float64, x y z
+    radius_um: np.ndarray  # (N,) float64
+    score: np.ndarray  # (N,) float64
+
+    def __post_init__(self) -> None:
+        c = np.asarray(self.center_um, float).reshape(-1, 3)
+        object.__setattr__(self, "center_um", c)
+        object.__setattr__(self, "radius_um", np.asarray(self.radius_um, float).reshape(-1))
+        object.__setattr__(self, "score", np.asarray(self.score, float).reshape(-1))
+        if not (len(self.radius_um) == len(self.score) == len(c)):
+            raise ValueError("center_um, radius_um and score must have one row per blob")
+
+    def __len__(self) -> int:
+        return len(self.radius_um)
+
+    @classmethod
+    def empty(cls) -> "Blobs":
+        return cls(np.zeros((0, 3)), np.zeros(0), np.zeros(0))
+
+    def subset(self, which: np.ndarray) -> "Blobs":
+        """The blobs picked by a boolean mask or an index array."""
+        return Blobs(self.center_um[which], self.radius_um[which], self.score[which])

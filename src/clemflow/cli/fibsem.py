@@ -72,6 +72,16 @@ def run(
 
         shutil.copyfile(targets_path, folder.path / "targets.json")
     plan = SlicePlan.from_protocol(fibsem, slices)
+    from ..correlate.online import online_from_protocol
+
+    try:  # read and searched before anything moves: a wrong stack is said now, not after the first slices
+        online = online_from_protocol(protocol, protocol_file)
+    except (ValueError, OSError, KeyError) as exc:
+        console.print(f"[red]✗[/red] correlation.lm_stack: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    if online is not None:
+        console.print(f"Online check against the confocal stack: {len(online.lm)} droplets in the chosen cell, "
+                      f"verdict every {protocol.correlation.update_every} slices")
     console.print(f"Run folder {folder.path} {'resumed' if folder.resumed else 'created'} (run {folder.run_id}); "
                   f"target {target.name} at ({target.x_m * 1e6:.1f}, {target.y_m * 1e6:.1f}) µm; "
                   f"{plan.slices if plan.slices < 10**9 else 'until the time limit'} slices of {plan.thickness_m * 1e9:g} nm")
@@ -81,13 +91,13 @@ def run(
     again += ["--slices", str(slices)] if slices else []
     again += ["--interactive"] if interactive else []
     again += ["--client-keys", str(keys[0]), "--server-key", str(keys[1])] if client_keys and server_key else []
-    code = _run_engine(protocol, fibsem, folder, plan, target, address, keys, interactive, shlex.join(again))
+    code = _run_engine(protocol, fibsem, folder, plan, target, address, keys, interactive, shlex.join(again), online)
     if code:
         raise typer.Exit(code)
 
 
 def _run_engine(protocol, fibsem, folder, plan, target, address: str, keys, interactive: bool,  # type: ignore[no-untyped-def]
-                again: str) -> int:
+                again: str, online=None) -> int:
     from ..bridge.client import BridgeClient
     from ..fibsem.analysis import LiveAnalysis
     from ..fibsem.dashboard import SliceDashboard
@@ -108,7 +118,8 @@ def _run_engine(protocol, fibsem, folder, plan, target, address: str, keys, inte
     try:
         with BridgeClient(address, server_key=keys[1], client_keys=keys[0], name="clemflow-fibsem") as client, \
                 SliceDashboard(console) as dashboard:
-            analysis = LiveAnalysis(folder.path, protocol.alignment, protocol.qc, status=dashboard.analysis)
+            analysis = LiveAnalysis(folder.path, protocol.alignment, protocol.qc, status=dashboard.analysis,
+                                    correlation=online)
             engine = SliceAndViewEngine(client, fibsem, folder, plan, target, console=console, control=control,
                                         interactive=interactive, dashboard=dashboard, notify_command=notify.command,
                                         notify_webhook=str(notify.webhook) if notify.webhook else None,

@@ -9,7 +9,10 @@ on a thread of its own (the instrument never waits for it), and:
 - checks it: focus, charging, curtaining, drift jumps, missing or duplicated
   slices, to ``qc.csv`` and ``alerts.jsonl``, with alerts sent where the run's
   alerts go (terminal, journal, notify hook);
-- every ``refresh_every`` slices redraws the reslices and the drift and QC plots.
+- every ``refresh_every`` slices redraws the reslices and the drift and QC plots;
+- with an :class:`~clemflow.correlate.online.OnlineCorrelation`, feeds it
+  each aligned slice: every ``update_every`` slices it says whether the run is
+  on the cell chosen in light microscopy (announced through the alerts).
 
 After a crash the next session picks up where the folder ends: slices already
 in ``transforms.csv`` are not redone, the aligner is primed with the last
@@ -53,13 +56,15 @@ class LiveAnalysis:
 
     def __init__(self, run_dir: str | Path, alignment: Alignment | None = None, qc: LiveQC | None = None, *,
                  alert: AlertSink | None = None, status: StatusSink | None = None, background: bool = True,
-                 display: bool = True) -> None:
+                 display: bool = True, correlation: Any = None) -> None:
         self.run_dir = Path(run_dir)
         self.out = self.run_dir / ANALYSIS_DIR
         self.settings = alignment or Alignment()
         self.qc_settings = qc or LiveQC()
         self.alert, self.status = alert, status
         self.display = display
+        self.correlation = correlation  # correlate.online.OnlineCorrelation, or None
+        self._pixel_um = self._thickness_um = 0.0
         self.pipeline = AlignmentPipeline(self.settings)
         self.monitor = QCMonitor(self.qc_settings)
         self.processed = 0
@@ -179,6 +184,8 @@ class LiveAnalysis:
         thickness = record.get("thickness_m")
         pixel_nm = float(pixel) * 1e9 if pixel else None
         thickness_nm = float(thickness) * 1e9 if thickness else None
+        self._pixel_um = pixel_nm / 1000 if pixel_nm else 0.0
+        self._thickness_um = thickness_nm / 1000 if thickness_nm else 0.0
         self._stores = AlignedStores(self.out, image.shape[:2], image.dtype, pixel_nm, thickness_nm, display=self.display)
         self._csv = TransformsCsv(self.out / TRANSFORMS)
         self._qclog = QCLog(self.out)
@@ -214,6 +221,21 @@ class LiveAnalysis:
             self._csv.write(a.transform)
             self._done.add(a.transform.index)
             self.aligned += 1
+            self._correlate(a.image)
+
+    def _correlate(self, image: np.ndarray) -> None:
+        if self.correlation is None or not self._pixel_um or not self._thickness_um:
+            return
+        if getattr(self.correlation, "announce", None) is None and self.alert is not None:
+            alert = self.alert
+            self.correlation.announce = lambda message, level: alert(message, level, kind="correlation")
+        try:
+            verdict = self.correlation.add(image, self._pixel_um, self._thickness_um)
+        except Exception as exc:  # noqa: BLE001 - a failed check must not stop the alignment
+            self._failed("the online correlation", exc)
+            return
+        if verdict is not None:
+            log.info("online correlation: %s", verdict.message)
 
     def _draw(self) -> None:
         from ..qc.plots import write_drift_plot, write_qc_plot, write_reslices
@@ -234,4 +256,8 @@ class LiveAnalysis:
         if self.last_qc is not None:
             out.update({k: self.last_qc.metrics.get(k) for k in ("ncc", "sharpness", "snr", "stripes", "brightness")})
             out["alerts"] = self.last_qc.kinds
+        last = getattr(self.correlation, "last", None)
+        if last is not None:
+            out["correlation"] = {"state": last.state, "agreeing": last.agreeing, "em_droplets": last.em_droplets,
+                                  "tre_um": last.tre_um, "depth_um": last.depth_um}
         return out

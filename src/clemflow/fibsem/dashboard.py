@@ -126,6 +126,20 @@ def _analysis_line(a: dict[str, Any]) -> str:
             f"PSR {_num(a.get('confidence'), '.0f')}   fine done {_num(a.get('aligned'), 'd')}/{_num(a.get('processed'), 'd')}")
 
 
+_CORRELATION_WORDS = {"waiting": "not decided yet", "confirmed": "on the chosen cell",
+                      "not_this_cell": "NOT the chosen cell?"}
+
+
+def _correlation_line(c: dict[str, Any]) -> Text:
+    state = str(c.get("state"))
+    style = {"confirmed": "green", "not_this_cell": "bold red"}.get(state, "dim")
+    tre = c.get("tre_um")
+    return Text(f"{_CORRELATION_WORDS.get(state, state)}   {_num(c.get('agreeing'), 'd')} of "
+                f"{_num(c.get('em_droplets'), 'd')} EM droplets agree   TRE "
+                f"{_num(tre * 1000 if tre is not None else None, '.0f', ' nm')}   at {_num(c.get('depth_um'), '.1f', ' µm')}",
+                style=style)
+
+
 def _qc_line(a: dict[str, Any]) -> str:
     kinds = ", ".join(a.get("alerts") or []) or "ok"
     return (f"NCC {_num(a.get('ncc'), '.2f')}   sharpness {_num(a.get('sharpness'), '.3g')}   SNR {_num(a.get('snr'), '.1f')}"
@@ -302,6 +316,8 @@ class SliceDashboard:
                 grid.add_row("", Text(sparkline(steps), style="green") + Text(f"  step per slice, max {max(steps):.2f} px",
                                                                             style="dim"))
             grid.add_row("QC", _qc_line(analysis))
+            if analysis.get("correlation"):
+                grid.add_row("correlation", _correlation_line(analysis["correlation"]))
         parts: list[RenderableType] = [grid]
         lines = [self._alert_text(a) for a in alerts] + [Text(m, style="yellow") for m in s.alerts]
         if lines:

@@ -52,6 +52,9 @@ class Correlation(ProtocolModel):
     min_inliers: int = Field(8, ge=4, le=1000)
     max_residual: Length = "0.5 um"  # type: ignore[assignment]
     update_every: int = Field(50, ge=1, description="Slices between online registration updates.")
+    lm_stack: str | None = Field(
+        None, description="Confocal z-stack (OME-TIFF) of the FIB-SEM target cell, relative to the protocol file; when "
+        "given, the run checks online that it is milling that cell.")
 
 
 class Quantification(ProtocolModel):

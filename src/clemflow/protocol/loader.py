@@ -236,3 +236,14 @@ def _check_files(protocol: Protocol, path: Path, document: CommentedMap) -> Iter
                 f"Micro-Manager configuration {str(cfg)!r} does not exist; give the path of your .cfg "
                 "(relative to the protocol file) or 'simulator'",
             )
+    stack = protocol.correlation.lm_stack
+    if stack is not None:
+        lm = Path(stack) if Path(stack).is_absolute() else path.parent / stack
+        if not lm.is_file():
+            loc = ("correlation", "lm_stack")
+            line, column = _position(document, loc)
+            yield Problem(
+                path, line, column, _dotted(loc),
+                f"confocal stack {str(lm)!r} does not exist; give the OME-TIFF of the target cell (relative to the "
+                "protocol file), or leave lm_stack out to run without the online check",
+            )

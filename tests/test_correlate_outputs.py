@@ -165,6 +165,8 @@ def test_transform_json_round_trips_and_maps_droplets(tmp_path, pair, droplets):
     assert "centre of voxel" in doc["convention"]
     with pytest.raises(ValueError, match="model"):
         write_transform(tmp_path / "t2.json", reg, lm=lm, em=em, extra={"model": "mine"})
+    other = write_transform(tmp_path / "t3.json", reg, lm=lm, em=em, channel=2)
+    assert json.loads(other.read_text(encoding="utf-8"))["lm"]["channel"] == "639"
 
 
 def test_read_transform_refuses_a_broken_file(tmp_path):

@@ -38,13 +38,15 @@ LANDMARK_COLUMNS = ("lm_index", "em_index", "lm_x_um", "lm_y_um", "lm_z_um", "em
 
 
 def write_transform(path: str | Path, registration: Any, *, lm: LightStack, em: ElectronVolume,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, channel: str | int | None = None) -> Path:
     """Write ``transform.json``: the LM -> EM matrix, the model and the evidence for it (inliers, residuals, TRE).
 
     ``registration`` is read by attribute (``matrix``, ``model``, ``mirrored``, ``scale``, ``z_scale``, ``pairs``,
     ``residuals_um``, ``loo_tre_um``, ``tre_estimate_um``, and ``candidates``/``models_tried`` when present).
     ``extra`` adds top-level entries (the command line, timings); it may not replace the ones written here.
+    ``channel``: the LM channel the droplets were found in, when not ``lm.selected``.
     """
+    used = lm.selected if channel is None else lm.channels[lm.index(channel)]
     matrix = _matrix(registration.matrix, "registration.matrix")
     pairs = np.asarray(getattr(registration, "pairs", np.zeros((0, 2))), int).reshape(-1, 2)
     doc: dict[str, Any] = {
@@ -59,10 +61,10 @@ def write_transform(path: str | Path, registration: Any, *, lm: LightStack, em: 
         "tre_estimate_um": getattr(registration, "tre_estimate_um", None),
         "loo_tre_um": _stats(getattr(registration, "loo_tre_um", None)),
         "residuals_um": _stats(getattr(registration, "residuals_um", None)),
-        "lm": {"path": _path(lm.path), "voxel_um": list(lm.voxel_um), "channel": lm.selected,
+        "lm": {"path": _path(lm.path), "voxel_um": list(lm.voxel_um), "channel": used,
                "channels": list(lm.channels), "shape_zyx": list(lm.data.shape[1:])},
         "em": {"path": _path(em.path), "voxel_um": list(em.voxel_um), "shape_zyx": list(em.shape),
-               "dense_is_dark": em.dense_is_dark},
+               "dense_is_dark": em.dense_is_dark, **({"source": em.source} if em.source else {})},
     }
     for name in ("candidates", "models_tried"):
         if getattr(registration, name, None) is not None:

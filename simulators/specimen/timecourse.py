@@ -156,49 +156,51 @@ def choose_fields(world: World, spec: TimecourseSpec, step_um: float = 4.0) -> l
     with a cell grazing their edge are not used.
     """
     half = np.array(spec.field_um) / 2
+    margin = spec.edge_margin_um
     outline = _outlines(world)
-    lo, hi = outline.reshape(-1, 2).min(0), outline.reshape(-1, 2).max(0)
-    xs = np.arange(lo[0] + half[0] - 10, hi[0] - half[0] + 10 + 1e-9, step_um)
-    ys = np.arange(lo[1] + half[1] - 10, hi[1] - half[1] + 10 + 1e-9, step_um)
-    centres = np.array([(x, y) for y in ys for x in xs])
+    lo, hi = outline.min(axis=1), outline.max(axis=1)  # (cells, 2) extent of each footprint
+    xs = np.arange(lo[:, 0].min() + half[0] - 10, hi[:, 0].max() - half[0] + 10 + 1e-9, step_um)
+    ys = np.arange(lo[:, 1].min() + half[1] - 10, hi[:, 1].max() - half[1] + 10 + 1e-9, step_um)
+    centres = np.array([(x, y) for y in ys for x in xs]).reshape(-1, 2)
     if len(centres) == 0:
         raise ValueError(f"a {spec.field_um[0]:.0f} µm field does not fit the cells' region; use a smaller shape")
-    centre_of_cell = np.array([c.center_um for c in world.cells])
-    reach = np.array([c.max_radius_um for c in world.cells])
-    whole_sets: list[np.ndarray] = []
-    for c in centres:
-        near = np.flatnonzero(np.all(np.abs(centre_of_cell - c) < half + reach[:, None] + spec.edge_margin_um, axis=1))
-        kind = _classify(outline[near], c, half, spec.edge_margin_um)
-        whole_sets.append(near[kind == 1] if not np.any(kind == -1) else np.array([], int))
+    whole = np.all(lo[None] >= centres[:, None] - half + margin, axis=2) & np.all(
+        hi[None] <= centres[:, None] + half - margin, axis=2)  # (centres, cells)
+    usable = np.ones(len(centres), bool)
+    taken = np.zeros(len(world.cells), bool)
     fields: list[tuple[tuple[float, float], list[int]]] = []
-    free = np.ones(len(centres), bool)
-    taken: set[int] = set()
-    while sum(len(ids) for _, ids in fields) < spec.cells_per_timepoint:
-        gain = np.array([len(set(s.tolist()) - taken) if ok else -1 for s, ok in zip(whole_sets, free)])
+    while taken.sum() < spec.cells_per_timepoint:
+        gain = np.where(usable, (whole & ~taken).sum(axis=1), -1)
         k = int(gain.argmax())
         if gain[k] <= 0:
-            got = sum(len(ids) for _, ids in fields)
-            raise ValueError(f"the dish's fields hold only {got} whole cells, fewer than cells_per_timepoint="
-                             f"{spec.cells_per_timepoint}; raise cells_per_dish or lower cells_per_timepoint")
-        ids = sorted(set(whole_sets[k].tolist()) - taken)
-        fields.append(((float(centres[k, 0]), float(centres[k, 1])), ids))
-        taken.update(ids)
-        free &= np.any(np.abs(centres - centres[k]) >= 2 * half, axis=1)
+            raise ValueError(f"the dish's fields hold only {int(taken.sum())} whole cells, fewer than "
+                             f"cells_per_timepoint={spec.cells_per_timepoint}; raise cells_per_dish or lower "
+                             "cells_per_timepoint")
+        usable[k] = False
+        near = np.flatnonzero(np.all((hi > centres[k] - half - margin) & (lo < centres[k] + half + margin), axis=1))
+        if np.any(_classify(outline[near], centres[k], half, margin) == -1):
+            continue  # a cell grazes this field's edge
+        ids = np.flatnonzero(whole[k] & ~taken)
+        fields.append(((float(centres[k, 0]), float(centres[k, 1])), ids.tolist()))
+        taken[ids] = True
+        usable &= np.any(np.abs(centres - centres[k]) >= 2 * half, axis=1)
     return fields
 
 
 # -- truth -----------------------------------------------------------------------------------
 
 
-def _area_in_endolysosomes(world: World) -> np.ndarray:
-    """Per cell: projected area of particle clusters inside endolysosomes over all projected particle area."""
+def _area_in_endolysosomes(world: World, particle_area_um2: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Per cell: projected area of the particle clusters inside endolysosomes over all its projected particle
+    area (computed for ``cells`` only, NaN elsewhere and where a cell has no particles)."""
     n = len(world.cells)
     cl = world.clusters
-    inside = cl.in_lysosome.astype(bool)
-    total = union_disc_area(cl.cell_id, cl.center_um[:, 0], cl.center_um[:, 1], cl.radius_um, n)
-    part = union_disc_area(cl.cell_id[inside], cl.center_um[inside, 0], cl.center_um[inside, 1], cl.radius_um[inside], n)
+    pick = cl.in_lysosome.astype(bool) & np.isin(cl.cell_id, cells)
+    part = union_disc_area(cl.cell_id[pick], cl.center_um[pick, 0], cl.center_um[pick, 1], cl.radius_um[pick], n)
+    out = np.full(n, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, part / total, np.nan)
+        out[cells] = np.where(particle_area_um2[cells] > 0, part[cells] / particle_area_um2[cells], np.nan)
+    return out
 
 
 def _cells_in_field(world: World, centre: tuple[float, float], spec: TimecourseSpec) -> dict[int, bool]:
@@ -269,7 +271,9 @@ def _render_group(spec: TimecourseSpec, group: _Group, run_dir: Path, experiment
     if world is None:
         world = generate_world(spec.specimen(group.hours if treated else None), seed=group.dish.seed)
     metrics = cell_metrics(world)
-    area_in = _area_in_endolysosomes(world)
+    seen = {k: _cells_in_field(world, centre, spec) for k, (_, centre) in enumerate(group.fields)}
+    area_in = _area_in_endolysosomes(world, metrics["particle_area_um2"],
+                                     np.array(sorted({i for cells in seen.values() for i in cells}), int))
     folder = run_dir / "confocal" / group.dish.id / f"t{group.index:02d}_{group.hours:g}h"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -288,7 +292,7 @@ def _render_group(spec: TimecourseSpec, group: _Group, run_dir: Path, experiment
                                            "exposure_ms": spec.exposure_s * 1e3})
         writer.close(True)
         stack = str(path.relative_to(run_dir))
-        for cell_id, whole in _cells_in_field(world, centre, spec).items():
+        for cell_id, whole in seen[k].items():
             rows.append({
                 "sample": group.dish.id, "role": group.dish.role, "hours": group.hours if treated else None,
                 "timepoint_s": group.hours * 3600.0, "stack": stack, "cell_id": cell_id, "whole": whole,

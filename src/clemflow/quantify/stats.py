@@ -18,6 +18,7 @@ p-values are reported as numbers and as the usual stars: ns (p >= 0.05),
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -116,7 +117,9 @@ def t_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, wel
         if len(a) >= 2 and len(b) >= 2 and a[0] != b[0]:
             return 0.0  # two different constants: as different as samples get
         return float("nan")
-    return float(sps.ttest_ind(a, b, equal_var=not welch).pvalue)
+    with warnings.catch_warnings():  # nearly equal samples: scipy warns of precision loss, p is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(sps.ttest_ind(a, b, equal_var=not welch).pvalue)
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:

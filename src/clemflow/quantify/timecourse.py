@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import tifffile
+from pydantic import ValidationError
 
 from ..confocal.writer import read_frame_records
 from ..protocol import Protocol, load_protocol
@@ -117,7 +118,12 @@ def run_protocol(run_dir: str | Path) -> Protocol | None:
     run_dir = Path(run_dir)
     resolved = run_dir / "protocol.resolved.json"
     if resolved.is_file():
-        return Protocol.model_validate_json(resolved.read_text(encoding="utf-8"))
+        try:
+            return Protocol.model_validate_json(resolved.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ValueError(f"{resolved} is not a protocol this clemflow reads ({exc.error_count()} problems, "
+                             f"first: {exc.errors()[0]['msg']}); quantify a copy without it to use protocol.yaml "
+                             "or the defaults") from None
     if (run_dir / "protocol.yaml").is_file():
         return load_protocol(run_dir / "protocol.yaml")
     return None

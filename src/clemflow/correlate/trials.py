@@ -91,6 +91,7 @@ class Trial:
     pairs: np.ndarray  # (K, 2) int: (lm index, em index) of the same droplet
     targets_lm: np.ndarray  # (S, 3) TRE structures within the EM-covered part, true positions
     targets_em: np.ndarray  # (S, 3)
+    perturbation: np.ndarray  # (4, 4) the cell's light frame -> this trial's light frame
     mirrored: bool
     scale: float
     z_scale: float
@@ -242,7 +243,7 @@ def make_trial(truth: CellTruth, rng: np.random.Generator | int, settings: Trial
     n = len(rad)
     # -- the perturbed light frame: z stretched, mirrored or not, rotated about the optical axis, scaled
     mirrored = bool(rng.random() < s.mirror_probability)
-    angle = float(rng.uniform(0, 2 * np.pi))
+    angle = float(rng.uniform(-np.pi, np.pi))
     scale, zs = u(s.scale), u(s.z_scale)
     centre = lm0.mean(axis=0) if n else np.zeros(3)
     lin = scale * _random_rotation_z(angle) @ np.diag([1.0, -1.0 if mirrored else 1.0, 1.0]) @ np.diag([1, 1, zs])
@@ -293,7 +294,8 @@ def make_trial(truth: CellTruth, rng: np.random.Generator | int, settings: Trial
     keep = inside(truth.targets_em)
     return Trial(lm_um=lm_pts, em_um=em_pts, lm_to_em=true_lm_to_em, pairs=pairs.astype(int),
                  targets_lm=apply(perturb, truth.targets_lm[keep]), targets_em=truth.targets_em[keep],
-                 mirrored=mirrored, scale=scale, z_scale=zs, angle_deg=float(np.degrees(angle)), label=truth.label,
+                 perturbation=perturb, mirrored=mirrored, scale=scale, z_scale=zs,
+                 angle_deg=float(np.degrees(angle)), label=truth.label,
                  info={"em_window_um": window, "droplets": n})
 
 

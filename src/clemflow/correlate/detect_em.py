@@ -41,6 +41,7 @@ Progress = Callable[[int, int], None]
 
 MAX_ELONGATION = 1.6  # largest / smallest principal spread; two touching equal balls reach 2.4, a ball 1.0
 MAX_TEXTURE = 1.5  # interior grey spread over the voxel noise; a homogeneous body is 1.0
+MIN_CONTRAST = 5.0  # inside over surroundings in noise sds; droplets in cytoplasm stand out by about 12
 MAX_SPECKLE = 4.0  # (99th percentile - median) of the body in noise units; particles inside reach 6 and more
 SMOOTH_UM = 0.04  # Gaussian sigma of the light smoothing before thresholding
 SHELL_UM = 0.25  # outer radius of the shell around a body that gives its surroundings' grey
@@ -170,10 +171,11 @@ def _measure(dens: NDArray, region: NDArray, lo: NDArray, voxel: NDArray, shape:
     return _Body(*geometry[:2], elong, texture, speckle, geometry[2], level, region, lo)
 
 
-def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray) -> _Body | None:
+def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray, noise: tuple[NDArray, NDArray]) -> _Body | None:
     """The body's extent where the grey crosses halfway from its surroundings to its inside: its true size.
 
-    The surroundings are the median of a shell 0.1-0.25 µm out; the region may grow 0.1 µm into it.
+    The surroundings are the median of a shell 0.1-0.25 µm out; the region may grow 0.1 µm into it. None
+    when the body does not stand out of them by ``MIN_CONTRAST`` noise sds (a clump of noise in resin).
     """
     pad = np.floor(SHELL_UM / voxel).astype(int)
     lo = np.maximum(body.lo - pad, 0)
@@ -186,7 +188,10 @@ def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray) -> _Body | None
     shell = ndimage.binary_dilation(region, structure=_ellipsoid(SHELL_UM, voxel)) & ~near
     if not shell.any():
         return body
-    half = 0.5 * (body.level + float(np.median(values[shell])))
+    around = float(np.median(values[shell]))
+    if body.level - around < MIN_CONTRAST * float(np.interp(body.level, *noise)):
+        return None
+    half = 0.5 * (body.level + around)
     grown, _ = ndimage.label(near & (values > half))
     mine = np.unique(grown[region & (grown > 0)])
     sized = np.isin(grown, mine)
@@ -197,13 +202,16 @@ def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray) -> _Body | None
 
 
 def _bodies(labels: NDArray, count: int, dens: NDArray, voxel: NDArray, noise: tuple[NDArray, NDArray],
-            progress: Progress | None, grow: tuple[NDArray, NDArray] | None = None) -> list[_Body]:
-    """Each labelled region measured. ``grow``: (structuring element, mask) to grow every region into first."""
+            sizes: tuple[float, float], progress: Progress | None, grow: tuple[NDArray, NDArray] | None = None
+            ) -> list[_Body]:
+    """Each labelled region of ``sizes`` = (fewest, most) voxels measured (specks of noise and the coating
+    are not worth it). ``grow``: (structuring element, mask) to grow every region into first."""
     bodies = []
     pad = np.zeros(3, int) if grow is None else np.array(grow[0].shape) // 2
     shape = np.array(dens.shape)
+    n_vox = np.bincount(labels.ravel(), minlength=count + 1)
     for k, box in enumerate(ndimage.find_objects(labels), 1):
-        if box is None:
+        if box is None or not sizes[0] <= n_vox[k] <= sizes[1]:
             continue
         lo = np.maximum(np.array([s.start for s in box]) - pad, 0)
         hi = np.minimum(np.array([s.stop for s in box]) + pad, shape)
@@ -267,22 +275,31 @@ def detect_em_droplets(
 
     smooth = ndimage.gaussian_filter(dens, SMOOTH_UM / vox, mode="nearest")
     step = max(1, int(np.cbrt(smooth.size / 2e6)))
-    dense = float(threshold_multiotsu(smooth[::step, ::step, ::step], classes=3)[-1])
+    sample = smooth[::step, ::step, ::step]
+    if np.ptp(sample) <= 0:
+        return Blobs.empty()
+    dense = float(threshold_multiotsu(sample, classes=3, nbins=1024)[-1])
     noise = noise_curve(dens)
+    typical = float(np.median(sample))
+    if dense - typical < 0.5 * MIN_CONTRAST * float(np.interp(typical, *noise)):
+        return Blobs.empty()  # nothing stands out of the bulk: resin or cytoplasm only, or noise
     mask = smooth > dense
     labels, count = ndimage.label(mask)
-    found = _droplet_like(_bodies(labels, count, dens, vox, noise, progress), diameter_um, extent, vox)
+    ball = 4 / 3 * np.pi / float(np.prod(vox))  # voxels per µm³ of ball radius cubed
+    sizes = (max(2.0, 0.5 * ball * (d_lo / 2) ** 3), ball * (0.75 * d_hi * 1.5) ** 3)
+    found = _droplet_like(_bodies(labels, count, dens, vox, noise, sizes, progress), diameter_um, extent, vox)
     if len(found) >= 3:
         # second pass: cores at least halfway from the dense threshold to the droplets' own level, grown
-        # back out to the dense threshold by the width of an edge: a droplet touching a mitochondrion or a
-        # lysosome or mitochondrion (dense, but less so) is then its own body. Droplets share one stain, so
+        # back out to the dense threshold by the width of an edge: a droplet touching a lysosome or a
+        # mitochondrion (dense, but less so) is then its own body. Droplets share one stain, so
         # a body's inside must be near their level: in the top quarter from the dense threshold up to it
         level = float(np.median([b.level for b in found]))
         core = 0.5 * (dense + level)
         labels, count = ndimage.label(smooth > core)
-        bodies = _bodies(labels, count, dens, vox, noise, progress, grow=(_ellipsoid(GROW_UM, vox), mask))
+        bodies = _bodies(labels, count, dens, vox, noise, (1, sizes[1]), progress,
+                         grow=(_ellipsoid(GROW_UM, vox), mask))
         found = _droplet_like(bodies, diameter_um, extent, vox, min_level=0.5 * (core + level))
-    found = [b for b in (_at_half_level(b, smooth, vox) for b in found)
+    found = [b for b in (_at_half_level(b, smooth, vox, noise) for b in found)
              if b is not None and np.all((b.centre >= -0.5 * vox) & (b.centre <= extent + 0.5 * vox))]
     if progress is not None:
         progress(1, 1)

@@ -11,10 +11,14 @@ so that anisotropic voxels need no special case:
    patches, and the generalised Anscombe transform makes the noise of unit
    size everywhere; a threshold in noise units then means the same in the dim
    background and on the bright cytoplasm.
-2. **Blobs.** Scale-normalised Laplacian of Gaussian at a few sizes spanning
-   ``diameter_um`` (each the PSF plus the ball's own spread), each divided by
-   its robust noise level; a voxel's score is the best over sizes, and
-   droplets are the local maxima scoring ``min_score`` or more.
+2. **Blobs.** At a few sizes spanning ``diameter_um`` (each the PSF plus the
+   ball's own spread) the stack is smoothed by the blob's Gaussian and its
+   curvature taken along z, y and x, each in units of its own robust noise.
+   A droplet curves down along all three; the top of the stained cytoplasm
+   or a cell's edge along one or two, so the score is the *least* of the
+   three (a Laplacian, their sum, counts those edges as blobs). A voxel's
+   score is the best over sizes; droplets are its local maxima scoring
+   ``min_score`` or more.
 3. **Centre and size.** A 3D Gaussian on a constant background is fitted to
    the counts around each maximum, voxels nearer another droplet left out.
    The radius comes from the fitted width where the droplet is clearly wider
@@ -103,10 +107,11 @@ def _score(vst: NDArray[np.float32], voxel: NDArray, psf: NDArray, radii: NDArra
     best = np.full(vst.shape, -np.inf, np.float32)
     which = np.zeros(vst.shape, np.int8)
     step = (max(1, vst.shape[0] // 16), 4, 4)
+    axes = [a for a in range(3) if vst.shape[a] > 1]  # a single plane has no curvature along z
     for k, r in enumerate(radii):
         sigma = _blob_sigma(r, psf) / voxel
         least = None
-        for axis in range(3):
+        for axis in axes:
             order = [0, 0, 0]
             order[axis] = 2
             curv = -ndimage.gaussian_filter(vst, sigma, order=order, mode="nearest")
@@ -224,13 +229,14 @@ def detect_lm_droplets(
     """Lipid droplets in a confocal stack (Z, Y, X) of the BODIPY channel; centres in µm (x, y, z).
 
     ``voxel_um`` is (z, y, x); ``diameter_um`` the droplet sizes to look for; ``min_score`` the detection
-    threshold in noise units of the LoG response (default 6); ``psf_sigma_um`` the (axial, lateral) Gaussian
-    PSF sigma. A droplet whose fitted centre lies outside the stack is dropped. ``score`` is the LoG
-    response in noise units. ``progress(done, total)`` is called after each stage and every 32 fits.
+    threshold on the blob score, the least curvature over its noise (default 10); ``psf_sigma_um`` the
+    (axial, lateral) Gaussian PSF sigma. A droplet whose fitted centre lies outside the stack is dropped
+    (one cut by the first or last plane is kept when the fit puts its centre inside). ``score`` is the
+    blob score. ``progress(done, total)`` is called after the filtering and every 32 fits.
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
-        raise ValueError(f"stack must be (Z, Y, X); got shape {stack.shape} (pass one channel of a (C, Z, Y, X) stack)")
+        raise ValueError(f"stack must be (Z, Y, X); got shape {stack.shape}: pass one channel of a (C, Z, Y, X) stack")
     voxel = np.asarray(voxel_um, float)
     if voxel.shape != (3,) or np.any(voxel <= 0):
         raise ValueError(f"voxel_um must be three positive sizes (z, y, x) in µm; got {voxel_um}")

@@ -7,17 +7,26 @@ droplets cut by several slices need no special case:
 
 1. **Bin** to about ``working_voxel_um`` (integer factors, mean), and smooth
    lightly: droplets of 0.15 µm and more stay several voxels across.
-2. **Dense class.** The grey levels split into three classes (resin or lumen,
-   cytoplasm and organelles, the dense class) by a three-class Otsu
-   threshold on the volume itself: no grey level is assumed.
+2. **Noise and dense class.** Shot noise grows with the signal; its size at
+   each grey level is the lower envelope of the neighbour differences found
+   at that level (texture only adds). The grey levels split into three
+   classes (resin or lumen, cytoplasm and organelles, the dense class) by a
+   three-class Otsu threshold on the volume itself: no grey level is
+   assumed. A volume where the dense class does not stand out of the bulk
+   (resin only, early slices) has no droplets.
 3. **Bodies.** Connected dense regions are measured and kept when they are
-   droplet-like: an equivalent diameter in ``diameter_um``; round (the
-   principal spreads of the region within 1.6 of each other: mitochondria
-   are tubes, the coating is a sheet); homogeneous (the spread of the grey
-   levels inside no more than 1.5 times the voxel noise, which the region's
-   own neighbour differences measure: endolysosomes are mottled, particle
-   clusters are specks much denser than their surroundings).
-4. **Cut by a face.** A body that touches a face of the volume is kept only
+   droplet-like: an equivalent diameter in ``diameter_um``; round (principal
+   spreads within 1.6 of each other: mitochondria are tubes, the coating a
+   sheet); homogeneous (the grey spread inside at most 1.5 noise sds, and
+   no speck far above the median: endolysosomes are mottled and hold the
+   particle clusters). A second pass takes cores halfway from the dense
+   threshold to the level the first pass found for droplets and grows them
+   back by an edge's width, so that a droplet touching a lysosome or a
+   mitochondrion stands alone; its inside must then be near that level.
+4. **Size and contrast.** The size is read where the grey crosses halfway
+   from the surroundings (a shell around the body) to the inside, and the
+   inside must stand ``MIN_CONTRAST`` noise sds above the surroundings.
+5. **Cut by a face.** A body that touches a face of the volume is kept only
    when its centre is inside. Its cross-section area along the axis
    normal to the face follows a sphere's ``pi (r² - (t - c)²)``; the fitted
    ``c`` is the centre along that axis (and must lie inside), ``r`` the radius.
@@ -53,9 +62,9 @@ def bin_volume(volume: NDArray, voxel_um: tuple[float, float, float], working_vo
     """Mean-bin a (Z, Y, X) volume by integer factors towards ``working_voxel_um``; returns (binned, voxel)."""
     voxel = np.asarray(voxel_um, float)
     f = np.maximum(1, np.rint(working_voxel_um / voxel)).astype(int)
-    v = np.asarray(volume, np.float32)
+    v = np.asarray(volume)
     if np.all(f == 1):
-        return v, voxel
+        return v.astype(np.float32, copy=False), voxel
     shape = np.array(v.shape) // f
     if np.any(shape == 0):
         raise ValueError(f"volume {v.shape} is smaller than one working voxel (binning {tuple(f)}); "
@@ -79,6 +88,7 @@ class _Body:
     level: float  # median grey inside
     region: NDArray  # boolean box ...
     lo: NDArray  # ... whose first voxel is this one of the volume
+    contrast: float = 0.0  # inside over surroundings, noise sds (set once sized at the half level)
 
 
 def noise_curve(dens: NDArray, bins: int = 48, min_count: int = 200) -> tuple[NDArray, NDArray]:
@@ -189,7 +199,8 @@ def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray, noise: tuple[ND
     if not shell.any():
         return body
     around = float(np.median(values[shell]))
-    if body.level - around < MIN_CONTRAST * float(np.interp(body.level, *noise)):
+    contrast = (body.level - around) / float(np.interp(body.level, *noise))
+    if contrast < MIN_CONTRAST:
         return None
     half = 0.5 * (body.level + around)
     grown, _ = ndimage.label(near & (values > half))
@@ -198,7 +209,8 @@ def _at_half_level(body: _Body, smooth: NDArray, voxel: NDArray, noise: tuple[ND
     geometry = _geometry(sized, lo, voxel, smooth.shape) if sized.any() else None
     if geometry is None:
         return None
-    return replace(body, centre=geometry[0], radius=geometry[1], cut=geometry[2], region=sized, lo=lo)
+    return replace(body, centre=geometry[0], radius=geometry[1], cut=geometry[2], region=sized, lo=lo,
+                   contrast=contrast)
 
 
 def _bodies(labels: NDArray, count: int, dens: NDArray, voxel: NDArray, noise: tuple[NDArray, NDArray],
@@ -257,8 +269,9 @@ def detect_em_droplets(
 
     ``voxel_um`` is (z, y, x). ``dense_is_dark``: the usual inverted backscatter display (stain dark); set it
     False for raw backscatter. A droplet cut by a face of the volume is kept when its centre (from a sphere
-    fitted to its cross-sections) lies inside. ``score`` is the body's homogeneity margin: how far its
-    texture is below the limit (larger is surer). ``progress(done, total)`` as regions are measured.
+    fitted to its cross-sections) lies inside. ``radius_um`` is taken where the grey crosses halfway from the
+    surroundings to the inside. ``score`` is the contrast of the inside over the surroundings in voxel noise
+    sds. ``progress(done, total)`` as regions are measured.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -309,4 +322,4 @@ def detect_em_droplets(
     # centres of binned voxels sit (f - 1) / 2 fine voxels in from the fine grid's first voxel centre
     centre += (vox - voxel) / 2
     return Blobs(centre[:, ::-1], np.array([b.radius for b in found]),
-                 np.array([MAX_TEXTURE - b.texture for b in found]))
+                 np.array([b.contrast for b in found]))

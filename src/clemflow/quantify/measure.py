@@ -125,6 +125,7 @@ def quantify_stack(
     n_z, h, w = stack.shape[1:]
     if min(py, px) <= 0 or (n_z > 1 and dz <= 0):
         raise ValueError(f"voxel_um must be positive (z, y, x) µm, got {voxel_um}")
+    mips = {name: stack[k].max(0) for k, name in enumerate(channels)}
     endo = _channel(stack, channels, roles.endolysosomes, "endolysosomes")
     mito = _channel(stack, channels, roles.mitochondria, "mitochondria")
     part = _channel(stack, channels, roles.particles, "particles") if roles.particles is not None else None
@@ -138,10 +139,10 @@ def quantify_stack(
     endo_bg = seg.opening_background(seg.block_mean(endo, b), radius_blocks)
     mito_bg = seg.opening_background(seg.block_mean(mito, b), radius_blocks)
     organelles = np.zeros((h, w), bool)
-    for planes, bg in ((endo, endo_bg), (mito, mito_bg)):
-        enhanced = seg.enhance_planes(planes.max(0), bg.max(0), b, sigma_px)
+    for name, bg in ((roles.endolysosomes, endo_bg), (roles.mitochondria, mito_bg)):
+        enhanced = seg.enhance_planes(mips[name], bg.max(0), b, sigma_px)
         organelles |= enhanced > seg.threshold_value(enhanced, s.organelle_threshold)
-    nuclei = seg.block_mean(nuc, b).max(0) if nuc is not None else None
+    nuclei = seg.block_mean(mips[roles.nuclei], b) if nuc is not None else None
     cells = seg.segment_cells([endo_bg, mito_bg], (h, w), b, s.cell_threshold, _um(s.min_cell_diameter) / px,
                               organelles, nuclei, radius_blocks)
     labels = cells.labels
@@ -172,7 +173,7 @@ def quantify_stack(
     # particles: half-maximum area in the projection; share in endolysosomes by area (pixels) and by signal (objects)
     if part is not None:
         block_px = max(int(round(_um(s.particle_block_size) / px)), 4)
-        found = seg.find_particles(part.max(0), sigma_px, block_px, s.particle_offset_sd)
+        found = seg.find_particles(mips[roles.particles], sigma_px, block_px, s.particle_offset_sd)
         particles = found.signal
         flux, flux_in = _particle_signal(part, found, endo_planes, (y0, x0), t_endo, labels, block_px, n)
     else:
@@ -213,7 +214,7 @@ def quantify_stack(
         labels=labels,
         particles=particles,
         endolysosomes=endo_mask,
-        mip={name: stack[k].max(0) for k, name in enumerate(channels)},
+        mip=mips,
         voxel_um=(dz, py, px),
         roles=roles,
     )

@@ -343,9 +343,27 @@ def segment_cells(
 
 
 def enhance_planes(planes: NDArray, background: NDArray, block: int, sigma_px: float) -> NDArray[np.float32]:
-    """White top-hat then Gaussian, plane by plane: each plane minus its (block-level) opening, smoothed in-plane."""
-    shape = planes.shape[-2:]
-    out = np.asarray(planes, np.float32) - expand_blocks(background, block, shape, smooth=True)
+    """White top-hat then Gaussian, plane by plane: each plane minus its (block-level) opening, smoothed in-plane.
+
+    The background is interpolated between block centres as it is subtracted,
+    a band of rows at a time, so no full-resolution copy of it is made.
+    """
+    out = np.array(planes, np.float32)
+    h, w = out.shape[-2:]
+    bx = _lerp_axis(np.asarray(background, np.float32), background.ndim - 1, w, block)  # (..., hy, w)
+    n = bx.shape[-2]
+    padded = np.concatenate([bx[..., :1, :], bx, bx[..., -1:, :]], axis=-2)
+    rows = min(h // block, n)
+    body = out[..., : rows * block, :].reshape(out.shape[:-2] + (rows, block, w))
+    for j in range(block):
+        d = (j - (block - 1) / 2) / block
+        near = 1 if d < 0 else 0
+        w_first = np.float32(-d if d < 0 else 1 - d)
+        band = padded[..., 1 - near: 1 - near + rows, :] * w_first
+        band += padded[..., 2 - near: 2 - near + rows, :] * (np.float32(1) - w_first)
+        body[..., j, :] -= band
+    if h > rows * block:
+        out[..., rows * block:, :] -= bx[..., -1:, :]
     if sigma_px > 0:
-        out = ndi.gaussian_filter(out, (0,) * (out.ndim - 2) + (sigma_px, sigma_px))
+        out = ndi.gaussian_filter(out, (0,) * (out.ndim - 2) + (sigma_px, sigma_px), truncate=3.0)
     return out

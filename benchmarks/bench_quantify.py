@@ -27,9 +27,16 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from clemflow.quantify.stats import METRICS  # noqa: E402
-from clemflow.quantify.timecourse import quantify_run  # noqa: E402
-from clemflow.simulators.specimen.timecourse import TimecourseSpec, truth_by_group, write_timecourse  # noqa: E402
+from clemflow.quantify.timecourse import RunQuant, quantify_run, run_protocol  # noqa: E402
+from clemflow.simulators.specimen.timecourse import (  # noqa: E402
+    TimecourseSpec,
+    read_truth,
+    truth_by_group,
+    write_timecourse,
+)
 
 SECONDS_PER_100_CELLS_GOAL = 60.0
 RELATIVE_GOAL, ABSOLUTE_GOAL, COUNT_GOAL = 0.10, 0.02, 0.05
@@ -49,6 +56,43 @@ def course(folder: Path, spec: TimecourseSpec, workers: int) -> Path:
                      progress=lambda done, total, what: print(f"  {done}/{total} stacks ({what})", flush=True))
     print(f"  rendered in {time.perf_counter() - t0:.0f} s")
     return folder
+
+
+def per_cell(run: RunQuant, spec: TimecourseSpec) -> None:
+    """Each measured cell matched to the truth cell nearest its centroid in the same stack: median errors."""
+    truth = read_truth(run.run_dir)
+    by_stack: dict[str, list[dict]] = {}
+    for row in truth:
+        by_stack.setdefault(row["stack"], []).append(row)
+    protocol = run_protocol(run.run_dir)  # the field centres: the protocol's targets (square + offset)
+    grid = protocol.samples[0].grid
+    centre = {t.name: np.add(grid.square_center_um(t.square), (t.offset[0] * 1e6, t.offset[1] * 1e6))
+              for t in protocol.confocal.targets.items}
+    half = (np.array(spec.shape[::-1]) - 1) / 2 * spec.pixel_um
+    pairs = {m: [] for m in ("area_um2", "volume_um3", "particle_area_fraction", "endolysosomal_volume_fraction")}
+    unmatched = 0
+    for row in run.cells:
+        key = row.stack.path.relative_to(run.run_dir).as_posix()
+        xy = centre[row.stack.target] + np.array(row.cell.centroid_um) - half
+        candidates = [t for t in by_stack.get(key, []) if t["whole"]]
+        if not candidates:
+            unmatched += 1
+            continue
+        d = [np.hypot(t["x_um"] - xy[0], t["y_um"] - xy[1]) for t in candidates]
+        best = candidates[int(np.argmin(d))]
+        if min(d) > 6.0:
+            unmatched += 1
+            continue
+        for m in pairs:
+            pairs[m].append((getattr(row.cell, m), best[m]))
+    print(f"\nper cell (matched by centroid within 6 µm; {unmatched} of {len(run.cells)} unmatched): "
+          "median measured/truth, and the middle 80 %")
+    for m, v in pairs.items():
+        a = np.array(v, float)
+        ok = np.isfinite(a).all(1) & (a[:, 1] > 0)
+        r = a[ok, 0] / a[ok, 1]
+        if len(r):
+            print(f"  {m:32s} {np.median(r):6.3f}   [{np.percentile(r, 10):6.3f}, {np.percentile(r, 90):6.3f}]  n={len(r)}")
 
 
 def main() -> None:
@@ -102,6 +146,7 @@ def main() -> None:
     count = abs(total_found - total_true) / (COUNT_GOAL * total_true)
     print(f"\n  worst metric ratio {worst:4.2f} (goal <= 1); cell count {total_found}/{total_true}, "
           f"ratio {count:4.2f} (goal <= 1; worst single timepoint {worst_count:4.2f})")
+    per_cell(run, spec)
     by_number = {n: t["particle_in_endolysosome_fraction_by_number"] for n, t in truth.items()}
     print("  (share in endolysosomes is compared by projected area; by particle number the truth is "
           + ", ".join(f"{n} {v:.3f}" for n, v in by_number.items() if math.isfinite(v)) + ")")

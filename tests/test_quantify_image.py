@@ -123,6 +123,14 @@ def test_missing_channel_is_named():
         quantify_stack(np.zeros((3, 3, 64, 64), np.uint16), ["405", "488"], (0.3, 0.1, 0.1))
 
 
+def test_bare_glass_has_no_cells():
+    """Noise alone splits into two Otsu classes; a field without cells must still report none."""
+    rng = np.random.default_rng(0)
+    q = quantify_stack(rng.poisson(150, (3, 6, 256, 256)).astype(np.uint16), ["405", "488", "639"], (0.3, 0.1, 0.1))
+    assert q.cells == [] and q.excluded_at_border == 0
+    assert not q.endolysosomes.any() and not q.particles.any()
+
+
 def test_hela_widefield_runs_and_overlay(shared_data, tmp_path):
     import tifffile
 

@@ -144,7 +144,8 @@ def quantify_stack(
         organelles |= enhanced > seg.threshold_value(enhanced, s.organelle_threshold)
     nuclei = seg.block_mean(mips[roles.nuclei], b) if nuc is not None else None
     cells = seg.segment_cells([endo_bg, mito_bg], (h, w), b, s.cell_threshold, _um(s.min_cell_diameter) / px,
-                              organelles, nuclei, radius_blocks)
+                              organelles, nuclei, radius_blocks,
+                              noise_sd=[seg.pixel_noise(c[n_z // 2]) for c in (endo, mito)])
     labels = cells.labels
     n = int(labels.max())
 

@@ -32,6 +32,7 @@ __all__ = [
     "drop_small",
     "expand_blocks",
     "opening_background",
+    "pixel_noise",
     "Particles",
     "find_particles",
     "robust_background",
@@ -291,6 +292,13 @@ def _disk(radius: float) -> NDArray[np.bool_]:
     return yy * yy + xx * xx <= r * r + 0.5
 
 
+def pixel_noise(image: NDArray) -> float:
+    """SD of one pixel's noise, from differences of horizontal neighbours (robust: most neighbours see the same
+    structure)."""
+    d = np.diff(np.asarray(image, np.float32), axis=-1)
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+
 def _class_levels(image: NDArray) -> tuple[float, float]:
     """Background and foreground levels of a two-class image: the medians of its Otsu classes."""
     t = threshold_value(image, "otsu")
@@ -309,6 +317,8 @@ def segment_cells(
     organelles: NDArray[np.bool_] | None = None,
     nuclei: NDArray | None = None,
     closing_radius_blocks: float = 2.0,
+    noise_sd: list[float] | None = None,
+    contrast: float = 5.0,
 ) -> Cells:
     """Cells from the top-hat backgrounds (the cytoplasm) of the organelle channels, on blocks.
 
@@ -317,13 +327,20 @@ def segment_cells(
     channels are averaged, and the projection is thresholded (``method``): a
     cell is where some plane holds cytoplasm. ``organelles`` (full resolution,
     e.g. Li masks of the organelle channels) count as cell too where they are
-    dense (closed over ``closing_radius_blocks``); ``nuclei`` (a
+    dense (closed over ``closing_radius_blocks``); a channel counts only if its
+    cytoplasm stands ``contrast`` block noise SDs (``noise_sd``: one pixel's,
+    per channel) above its background, so bare glass yields no cells; ``nuclei`` (a
     block-level projection of a nuclear stain) seed the split of touching cells.
     """
     norm = []
-    for planes in backgrounds:
+    for planes, sd in zip(backgrounds, noise_sd or [0.0] * len(backgrounds)):
         lo, hi = _class_levels(planes.max(0))
-        norm.append((planes - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)))
+        # a channel whose two classes are no further apart than the noise of a block shows no cells (bare glass)
+        if hi - lo > contrast * sd / block:
+            norm.append((planes - np.float32(lo)) / np.float32(hi - lo))
+    if not norm:
+        empty = np.zeros(backgrounds[0].shape[-2:], np.int32)
+        return Cells(np.zeros(shape, np.int32), empty, np.zeros(backgrounds[0].shape, np.float32), float("inf"), block)
     cytoplasm = np.mean(norm, axis=0, dtype=np.float32)
     projection = cytoplasm.max(0)
     threshold = threshold_value(projection, method)

@@ -39,7 +39,8 @@ def _stretch(image: NDArray) -> NDArray[np.float32]:
     """0..1 between the 1st and 99.8th percentile, gamma 0.6 so dim cytoplasm shows beside bright puncta."""
     img = np.asarray(image, np.float32)
     sample = img[:: max(1, img.shape[0] // 256), :: max(1, img.shape[1] // 256)]
-    lo, hi = np.percentile(sample, (1.0, 99.8))
+    above = sample[sample > sample.min()]  # a blanked (all-minimum) patch is not the background
+    lo, hi = np.percentile(above if above.size else sample, (1.0, 99.8))
     return np.clip((img - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0) ** np.float32(0.6)
 
 

@@ -16,7 +16,7 @@ import pytest
 from clemflow.correlate.cpd import rigid_cpd
 from clemflow.correlate.models import MODELS, apply, describe, fit_model
 from clemflow.correlate.register import CorrelationRefused, register_points
-from clemflow.correlate.trials import TrialSettings, make_trials
+from clemflow.correlate.trials import TrialSettings, cell_truth, make_trial, make_trials
 
 NOISE_FREE = TrialSettings(em_coverage=1.0, missing=(0.0, 0.0), spurious=(0.0, 0.0), lm_noise_lateral_um=(0.0, 0.0),
                            lm_noise_axial_um=(0.0, 0.0), em_noise_um=(0.0, 0.0), lm_min_diameter_um=0.0)
@@ -153,6 +153,24 @@ def test_deterministic_and_validates_its_input():
         register_points(trial.lm_um, trial.em_um, model="rigid")
     with pytest.raises(ValueError, match="finite"):
         register_points(np.full((10, 3), np.nan), trial.em_um)
+
+
+def test_trials_accept_detected_droplets_and_pair_them_with_the_truth():
+    from clemflow.simulators.specimen import SpecimenParams, generate_world
+
+    world = generate_world(SpecimenParams(n_columns=1, n_rows=1), seed=0)
+    truth = cell_truth(world, 2)
+    rng = np.random.default_rng(0)
+    big = truth.droplet_radius_um > 0.15
+    lm_det = np.concatenate([truth.droplets_lm[big] + rng.normal(0, 0.05, (big.sum(), 3)), rng.uniform(0, 30, (5, 3))])
+    em_det = np.concatenate([truth.droplets_em + rng.normal(0, 0.03, truth.droplets_em.shape),
+                             rng.uniform(0, 30, (5, 3))])
+    trial = make_trial(truth, 1, lm_detected=lm_det, em_detected=em_det)
+    assert len(trial.pairs) >= 10
+    err = np.linalg.norm(apply(trial.lm_to_em, trial.lm_um[trial.pairs[:, 0]]) - trial.em_um[trial.pairs[:, 1]], axis=1)
+    assert err.max() < 0.4
+    reg = register_points(trial.lm_um, trial.em_um)
+    assert trial.tre_um(reg.matrix) < 0.2
 
 
 # ----------------------------------------------------------------------------------------- baseline

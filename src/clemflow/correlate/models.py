@@ -91,32 +91,41 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None 
 
 
 def fit_similarity_z(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, *,
-                     iterations: int = 30) -> np.ndarray:
+                     start: np.ndarray | None = None, iterations: int = 60, tol: float = 1e-10) -> np.ndarray:
     """Least-squares ``R @ diag(a, a, b)``: a similarity after a separate scale of the source z axis.
 
     Solved by alternation: for fixed lateral/axial scales the rotation is an orthogonal Procrustes
     problem (improper allowed); for a fixed rotation the two scales are a linear least-squares fit.
-    Starts from the similarity fit, so it is never worse than that.
+    Starts from the similarity fit, so it is never worse than that, or from ``start`` (a 4x4 of this
+    model fitted to nearly the same points, e.g. all pairs when one is left out: a few steps then).
+    Stops when both scales change by less than ``tol`` (relative).
     """
     p, q, w = _prepare(src, dst, weights, "similarity_z")
     pc, qc = w @ p, w @ q
     p0, q0 = p - pc, q - qc
     if float(w @ p0[:, 2] ** 2) <= 1e-12 * max(float(w @ np.einsum("ij,ij->i", p0, p0)), 1e-300):
         raise ValueError("the source points lie in one z plane: their z scale cannot be fitted")
-    sim = fit_similarity(p, q, w)[:3, :3]
-    a = b = float(np.cbrt(abs(np.linalg.det(sim))))
-    r = sim / a
+    if start is None:
+        sim = fit_similarity(p, q, w)[:3, :3]
+        a = b = float(np.cbrt(abs(np.linalg.det(sim))))
+        r = sim / a
+    else:
+        lin = np.asarray(start, float)[:3, :3]
+        col = np.linalg.norm(lin, axis=0)
+        a, b = float(col[:2].mean()), float(col[2])
+        u, _, vt = np.linalg.svd(lin / col)
+        r = u @ vt
     wq = q0 * w[:, None]
+    sxy = float(w @ np.einsum("ij,ij->i", p0[:, :2], p0[:, :2]))
+    sz = float(w @ p0[:, 2] ** 2)
     for _ in range(iterations):
         # scales for this rotation: residual q0 - R @ (a p_xy, b p_z), linear in (a, b)
         rq = wq @ r  # rows: w * R^T q0
-        g_xy = float(np.sum(rq[:, :2] * p0[:, :2]))
-        g_z = float(np.sum(rq[:, 2] * p0[:, 2]))
-        a_new = g_xy / float(w @ np.einsum("ij,ij->i", p0[:, :2], p0[:, :2]))
-        b_new = g_z / float(w @ p0[:, 2] ** 2)
-        r_new, _ = _rotation(wq.T @ (p0 * [a_new, a_new, b_new]), 0)
-        done = abs(a_new - a) < 1e-10 * abs(a) and abs(b_new - b) < 1e-10 * abs(b)
-        a, b, r = a_new, b_new, r_new
+        a_new = float(np.sum(rq[:, :2] * p0[:, :2])) / sxy
+        b_new = float(np.sum(rq[:, 2] * p0[:, 2])) / sz
+        r, _ = _rotation(wq.T @ (p0 * [a_new, a_new, b_new]), 0)
+        done = abs(a_new - a) <= tol * abs(a) and abs(b_new - b) <= tol * abs(b)
+        a, b = a_new, b_new
         if done:
             break
     lin = r @ np.diag([a, a, b])

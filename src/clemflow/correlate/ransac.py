@@ -84,12 +84,11 @@ def match_triangles(src: Triangles, dst: Triangles, *, shape_tol: float, log_sca
     ds = dst.log_sides - dst.log_sides.mean(axis=1, keepdims=True)
     # the scale-free shape lives in the plane normal to (1, 1, 1): two coordinates suffice
     basis = np.array([[1, -1, 0], [1, 1, -2]], float).T / np.array([np.sqrt(2), np.sqrt(6)])
-    hits = cKDTree(ds @ basis).query_ball_point(ss @ basis, shape_tol * np.sqrt(2.0))
-    counts = np.fromiter((len(h) for h in hits), int, len(hits))
-    if counts.sum() == 0:
+    near = cKDTree(ss @ basis).sparse_distance_matrix(cKDTree(ds @ basis), shape_tol * np.sqrt(2.0),
+                                                       output_type="ndarray")
+    if len(near) == 0:
         return np.zeros((0, 2), int), np.zeros(0)
-    i = np.repeat(np.arange(len(src)), counts)
-    j = np.fromiter((x for h in hits for x in h), int, counts.sum())
+    i, j = near["i"].astype(int), near["j"].astype(int)
     r = dst.log_sides[j] - src.log_sides[i]
     mean = r.mean(axis=1)
     dev = np.abs(r - mean[:, None]).max(axis=1)
@@ -185,13 +184,22 @@ class HitGrid:
         iz = np.clip(cells[..., 2], 0, hi[2]).astype(np.int32)
         return self.grid[(ix * self.shape[1] + iy) * self.shape[2] + iz]
 
-    def count(self, linear: np.ndarray, offset: np.ndarray, src: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Per hypothesis (H, 3, 3), (H, 3): how many source points land within ``radius`` of a destination point."""
+    def count(self, linear: np.ndarray, offset: np.ndarray, src: np.ndarray, subset: np.ndarray | None = None,
+              chunk: int = 2048) -> np.ndarray:
+        """Per hypothesis (H, 3, 3), (H, 3): how many source points land within ``radius`` of a destination point.
+
+        ``subset`` (H, k) indices: count only those source points for each hypothesis (a cheap first
+        look at the neighbourhood of the triangle that proposed it).
+        """
         out = np.zeros(len(linear), int)
         lin = linear / self.cell
         off = (offset - self.lo) / self.cell
-        srcT = np.asarray(src, float).T
+        src = np.asarray(src, float)
         for a in range(0, len(linear), chunk):
-            cells = (lin[a:a + chunk] @ srcT + off[a:a + chunk, :, None]).transpose(0, 2, 1)
-            out[a:a + chunk] = np.count_nonzero(self._lookup_cells(cells) >= 0, axis=1)
+            b = slice(a, a + chunk)
+            if subset is None:
+                cells = (lin[b] @ src.T + off[b, :, None]).transpose(0, 2, 1)
+            else:
+                cells = src[subset[b]] @ lin[b].transpose(0, 2, 1) + off[b, None, :]
+            out[b] = np.count_nonzero(self._lookup_cells(cells) >= 0, axis=1)
         return out

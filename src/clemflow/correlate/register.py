@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .models import MIN_POINTS, MODELS, apply, describe, fit_model
+from .models import MIN_POINTS, MODELS, apply, describe, fit_model, fit_similarity_z
 from .ransac import HitGrid, match_triangles, triangle_similarities, triangles
 
 __all__ = ["Registration", "CorrelationRefused", "register_points", "leave_one_out", "choose_model"]
@@ -142,9 +142,14 @@ def _loo_vectors(model: str, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     k = len(src)
     out = np.empty((k, 3))
     keep = np.ones(k, bool)
+    start = fit_similarity_z(src, dst) if model == "similarity_z" else None
     for i in range(k):
         keep[i] = False
-        out[i] = dst[i] - apply(fit_model(model, src[keep], dst[keep]), src[i:i + 1])[0]
+        if start is not None:  # one pair less barely moves the fit: start the alternation from the full one
+            m = fit_similarity_z(src[keep], dst[keep], start=start, tol=1e-7)
+        else:
+            m = fit_model(model, src[keep], dst[keep])
+        out[i] = dst[i] - apply(m, src[i:i + 1])[0]
         keep[i] = True
     return out
 
@@ -166,18 +171,18 @@ class _Fit:
         return (len(self.pairs), -float(np.sqrt(np.mean(self.residuals**2))) if len(self.residuals) else 0.0)
 
 
-def _refine(matrix: np.ndarray, agree: _Agreement, *, models: tuple[str, ...], scale_range, z_range,
-            seen: set[bytes], iterations: int = 8) -> _Fit | None:
-    """One-to-one nearest-neighbour least squares from a hypothesis; ``None`` if it leads nowhere new.
+def _refine(matrix: np.ndarray, agree: _Agreement, seen: set[bytes], iterations: int = 8
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Similarity and one-to-one nearest-neighbour pairs, alternated from a hypothesis; ``None`` if nowhere new.
 
-    A similarity first, with a gate narrowing from twice the agreement gate (the hypothesis is only as
-    good as its triangle); then, with enough pairs, the richer model (depth scale free) if it stays
-    within the plausible ranges. ``seen`` holds the first pairings of hypotheses already refined: the
-    best triangles often propose the same transform, and it need not be refined twice.
+    The gate narrows from twice the agreement gate (a hypothesis is only as good as its triangle).
+    ``seen`` holds the first pairings of hypotheses already refined: the best triangles often propose
+    the same transform, and it need not be refined twice.
     """
     m = matrix
     widen = np.linspace(2.0, 1.0, 3)
     last = b""
+    pairs = np.zeros((0, 2), int)
     for it in range(iterations):
         pairs = agree.pairs(m, widen[min(it, len(widen) - 1)])
         if len(pairs) < 4:
@@ -191,6 +196,13 @@ def _refine(matrix: np.ndarray, agree: _Agreement, *, models: tuple[str, ...], s
             break
         last = key
         m = agree.fit("similarity", pairs)
+    return m, agree.pairs(m)
+
+
+def _enrich(m: np.ndarray, pairs: np.ndarray, agree: _Agreement, models: tuple[str, ...], scale_range, z_range
+            ) -> _Fit | None:
+    """The refined similarity, given the richer model (depth scale free) where enough pairs allow and it stays
+    within the plausible ranges; ``None`` if nothing plausible remains."""
     for name in models[1:] if len(pairs) >= 8 else ():
         cand = m
         for _ in range(3):
@@ -230,6 +242,13 @@ _STAGES = ((5, 12, 30), (8, 14, 60))
 three times the work, runs only when the first confirms nothing (few droplets in common, spread out)."""
 
 
+_LOCAL, _SHORTLIST = 12, 2000
+"""Droplets around a triangle for the first look at its hypotheses, and hypotheses kept for the full count."""
+
+_CONTENDER_MARGIN = 3
+"""Refined similarities within this many pairs of the best are tried with the depth scale free."""
+
+
 @dataclass(frozen=True)
 class _Setup:
     model: str
@@ -248,8 +267,10 @@ def _search(agree: _Agreement, setup: _Setup, k_sparse: int, k_dense: int, refin
     # the sparser set gives few small triangles, the denser many: its neighbours include droplets
     # the other side lacks, and the triangle must be found whole on both sides
     spacing = [np.median(cKDTree(p).query(p, min(4, len(p)))[0][:, -1]) for p in (lm, em)]
-    lm_sparser = spacing[0] * _scale_mid(setup.scale_range) >= spacing[1]
-    k_lm, k_em = (k_sparse, k_dense) if lm_sparser else (k_dense, k_sparse)
+    spacing[0] *= _scale_mid(setup.scale_range)
+    density_ratio = (max(spacing) / min(spacing)) ** 3
+    k_other = int(np.clip(np.ceil(1.5 * k_sparse * density_ratio), k_sparse + 3, k_dense))
+    k_lm, k_em = (k_sparse, k_other) if spacing[0] >= spacing[1] else (k_other, k_sparse)
     tri_lm, tri_em = triangles(lm, k_lm), triangles(em, k_em, min_side_um=0.7, min_angle_deg=15)
     lo = setup.scale_range[0] * min(1.0, setup.z_range[0])
     hi = setup.scale_range[1] * max(1.0, setup.z_range[1])
@@ -260,15 +281,31 @@ def _search(agree: _Agreement, setup: _Setup, k_sparse: int, k_dense: int, refin
     if len(pairs) == 0:
         return None, 0
     lin, off = triangle_similarities(lm[tri_lm.vertices[pairs[:, 0]]], em[tri_em.vertices[pairs[:, 1]]])
-    # rank by droplets brought within reach (isotropic, a little wide: the hypotheses are rough)
-    counts = HitGrid(em, 1.2 * agree.max_residual).count(lin, off, lm)
+    # rank by droplets brought within reach (isotropic, a little wide: the hypotheses are rough), first
+    # among the droplets around the proposing triangle, then, for the best of those, among all
+    grid = HitGrid(em, 1.2 * agree.max_residual)
+    near = min(_LOCAL, len(lm))
+    local = cKDTree(lm).query(lm[tri_lm.vertices].mean(axis=1), near)[1].reshape(len(tri_lm), near)
+    first = grid.count(lin, off, lm, subset=np.concatenate([local[pairs[:, 0]]] * 2))
+    shortlist = np.argsort(-first, kind="stable")[:_SHORTLIST]
+    counts = np.full(len(lin), -1)
+    counts[shortlist] = grid.count(lin[shortlist], off[shortlist], lm)
     models = ("similarity",) if setup.model == "similarity" else ("similarity", "similarity_z")
-    best: _Fit | None = None
+    refined = []
     seen: set[bytes] = set()
     for h in np.argsort(-counts, kind="stable")[:refine_top]:
         m = np.eye(4)
         m[:3, :3], m[:3, 3] = lin[h], off[h]
-        fit = _refine(m, agree, models=models, scale_range=setup.scale_range, z_range=setup.z_range, seen=seen)
+        got = _refine(m, agree, seen)
+        if got is not None:
+            refined.append(got)
+    # the richer model only for the contenders: it can add a few pairs, not turn an also-ran into a winner
+    most = max((len(p) for _, p in refined), default=0)
+    best: _Fit | None = None
+    for m, p in refined:
+        if len(p) < most - _CONTENDER_MARGIN:
+            continue
+        fit = _enrich(m, p, agree, models, setup.scale_range, setup.z_range)
         if fit is not None and (best is None or fit.key > best.key):
             best = fit
     return best, len(lin)

@@ -266,7 +266,7 @@ def _search(agree: _Agreement, setup: _Setup, k_sparse: int, k_dense: int, refin
     lm, em = agree.lm, agree.em
     # the sparser set gives few small triangles, the denser many: its neighbours include droplets
     # the other side lacks, and the triangle must be found whole on both sides
-    spacing = [np.median(cKDTree(p).query(p, min(4, len(p)))[0][:, -1]) for p in (lm, em)]
+    spacing = [max(float(np.median(cKDTree(p).query(p, min(4, len(p)))[0][:, -1])), 1e-6) for p in (lm, em)]
     spacing[0] *= _scale_mid(setup.scale_range)
     density_ratio = (max(spacing) / min(spacing)) ** 3
     k_other = int(np.clip(np.ceil(1.5 * k_sparse * density_ratio), k_sparse + 3, k_dense))

@@ -50,7 +50,8 @@ def correlate_command(
             print_problems(exc.problems)
             raise typer.Exit(EXIT_INVALID) from None
     try:
-        lm = read_lm(lm_path, voxel_um=lm_voxel if all(lm_voxel) else None)
+        lm = read_lm(lm_path, channel=_channel(lm_channel) if lm_channel else settings.lm_channel,
+                     voxel_um=lm_voxel if all(lm_voxel) else None)
         em = read_em(em_path, voxel_um=em_voxel if all(em_voxel) else None)
     except (ValueError, OSError, KeyError) as exc:
         console.print(f"[red]✗[/red] {escape(str(exc))}", soft_wrap=True)

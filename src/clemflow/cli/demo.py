@@ -81,8 +81,15 @@ def demo(
                                   folder / "fibsem_slice_and_view.yaml", seed=seed)
     run.journal.append("slice-and-view", "done", **sliced)
 
+    console.print(Rule("8. Correlation: a survey run through the cell, checked online against its confocal stack"))
+    from .demo_correlation import correlation_stage
+
+    correlated = correlation_stage(run.path / "correlation", run.path / "relocation" / "targets.json",
+                                   folder / "fibsem_slice_and_view.yaml", seed=seed)
+    run.journal.append("correlation", "done", **correlated)
+
     run.journal.append("demo", "done", stages=["protocols", "plan", "specimen", "relocation", "timecourse", "fibsem-bridge",
-                                             "slice-and-view"])
+                                             "slice-and-view", "correlation"])
     console.print(Rule())
     console.print(f"Demo run folder: {run.path}")
 
@@ -118,7 +125,11 @@ def _relocation_stage(folder: Path, seed: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     world = generate_world(SpecimenParams(hours_since_treatment=24.0), seed=seed)
     scheme = world.grid
-    cell = world.cells[len(world.cells) // 2]
+    # the operator picks, in the middle square, the cell with the most lipid droplets: the landmarks of correlation
+    middle = world.square_of_cell(world.cells[len(world.cells) // 2])
+    candidates = [c for c in world.cells if world.square_of_cell(c) == middle]
+    droplets = np.bincount(world.lipid_droplets.cell_id[world.lipid_droplets.radius_um >= 0.2], minlength=len(world.cells))
+    cell = max(candidates, key=lambda c: droplets[c.id])
     target = np.array(cell.center_um, float)
 
     # Confocal: the dish sits rotated on the stage; the 10x overview is not centred on the cell.

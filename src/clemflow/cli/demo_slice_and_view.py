@@ -71,7 +71,8 @@ def slice_and_view_stage(folder: Path, targets_path: Path, protocol_path: Path, 
             "pictures": [p.name for p in pictures]}
 
 
-def _run_engine(server: BridgeServer, protocol: Any, protocol_path: Path, run_dir: Path, targets_path: Path, slices: int) -> Any:
+def _run_engine(server: BridgeServer, protocol: Any, protocol_path: Path, run_dir: Path, targets_path: Path, slices: int,
+                correlation: Any = None) -> Any:
     from ..fibsem.analysis import LiveAnalysis
     from ..fibsem.dashboard import SliceDashboard
     from ..fibsem.engine import SliceAndViewEngine
@@ -85,7 +86,8 @@ def _run_engine(server: BridgeServer, protocol: Any, protocol_path: Path, run_di
     plan = SlicePlan.from_protocol(fibsem, slices)
     with BridgeClient(server.commands_endpoint, events=server.events_endpoint, name="demo-fibsem") as client, \
             SliceDashboard(console, log_every=10) as dashboard:
-        analysis = LiveAnalysis(run_dir, protocol.alignment, protocol.qc, status=dashboard.analysis)
+        analysis = LiveAnalysis(run_dir, protocol.alignment, protocol.qc, status=dashboard.analysis,
+                                correlation=correlation)
         engine = SliceAndViewEngine(client, fibsem, folder, plan, target, console=console, control=RunControl(),
                                     interactive=False, dashboard=dashboard, on_slice=analysis)
         analysis.alert = engine.alerts.send

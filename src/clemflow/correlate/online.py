@@ -11,9 +11,11 @@ The verdict, from that registration alone:
 
 - ``confirmed``: at least ``min_inliers`` droplets agree with one transform
   (with its leave-one-out TRE);
-- ``not_this_cell``: the EM so far holds at least ``min_inliers`` droplets, yet
-  no transform makes even half of them land on the chosen cell's droplets -
-  a different droplet pattern, so most likely another cell;
+- ``not_this_cell``: the EM so far holds at least ``min_inliers + 2`` droplets,
+  yet no transform makes even a third of them land on the chosen cell's
+  droplets - a different droplet pattern, so most likely another cell (chance
+  alone brings a quarter of a neighbour's droplets into agreement at most, in
+  the specimen trials);
 - ``waiting``: too few droplets milled yet to say either.
 
 A verdict is announced once when it changes; the TRE is kept up to date in
@@ -34,8 +36,14 @@ from .blobs import Blobs
 from .detect_em import detect_em_droplets
 from .merge import merge_touching
 from .register import CorrelationRefused, Registration, register_points
+from .working import fill_no_data
 
 __all__ = ["OnlineCorrelation", "Verdict", "online_from_protocol"]
+
+OVERLAP_UM = 1.5
+"""Depth searched again before the new planes: more than the largest droplet, so none is split between windows."""
+GUARD_UM = 0.7
+"""Droplets this close to the face may still be cut by it; they are taken at the next update."""
 
 State = Literal["waiting", "confirmed", "not_this_cell"]
 Announce = Callable[[str, str], None]  # (message, level)
@@ -55,6 +63,11 @@ class Verdict:
     registration: Registration | None = None
 
 
+def _concat(parts: list[Blobs]) -> Blobs:
+    return Blobs(np.concatenate([b.center_um for b in parts]), np.concatenate([b.radius_um for b in parts]),
+                 np.concatenate([b.score for b in parts]))
+
+
 class OnlineCorrelation:
     """Accumulates aligned slices and checks them against the chosen cell's confocal droplets.
 
@@ -72,6 +85,8 @@ class OnlineCorrelation:
         self.last: Verdict | None = None
         self.history: list[Verdict] = []
         self._planes: list[np.ndarray] = []
+        self._found: list[Blobs] = []
+        self._settled_um = 0.0
         self._group: np.ndarray | None = None
         self._group_n = 0
         self._fxy = self._fz = 1
@@ -87,7 +102,7 @@ class OnlineCorrelation:
             self._voxel = (thickness_um * self._fz, pixel_um * self._fxy, pixel_um * self._fxy)
         f = self._fxy
         h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-        binned = np.asarray(image[:h, :w], np.float32).reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+        binned = fill_no_data(np.asarray(image[:h, :w], np.float32)).reshape(h // f, f, w // f, f).mean(axis=(1, 3))
         if self._group is None or self._group.shape != binned.shape:
             self._group, self._group_n = np.zeros_like(binned), 0
         self._group += binned
@@ -114,12 +129,25 @@ class OnlineCorrelation:
 
     # ------------------------------------------------------------------ the check
 
-    def update(self) -> Verdict:
-        """Detect the droplets milled so far and register the chosen cell's droplets to them."""
+    def update(self, final: bool = False) -> Verdict:
+        """Detect the droplets milled since the last update and register the chosen cell's droplets to all so far.
+
+        Only a window is searched: the new planes plus ``OVERLAP_UM`` before them, so an update costs the same
+        at slice 50 as at slice 5000. Droplets within ``GUARD_UM`` of the face may still be cut by it and are
+        left for the next update (``final``: the milling is over, take them all).
+        """
         volume, voxel = self.volume()
-        em = Blobs.empty()
-        if volume.shape[0] >= 3:
-            em = merge_touching(detect_em_droplets(volume, voxel))
+        n, vz = volume.shape[0], voxel[0]
+        if n >= 3:
+            start = max(0, int(np.floor(self._settled_um / vz - OVERLAP_UM / vz)))
+            found = detect_em_droplets(volume[start:], voxel)
+            z = found.center_um[:, 2] + start * vz
+            end = n * vz if final else max((n - 1) * vz - GUARD_UM, self._settled_um)
+            keep = (z >= self._settled_um) & (z < end)
+            centres = found.center_um[keep] + np.array([0.0, 0.0, start * vz])
+            self._found.append(Blobs(centres, found.radius_um[keep], found.score[keep]))
+            self._settled_um = end
+        em = merge_touching(_concat(self._found)) if self._found else Blobs.empty()
         verdict = self._judge(em)
         self.history.append(verdict)
         changed = self.last is None or self.last.state != verdict.state
@@ -127,6 +155,10 @@ class OnlineCorrelation:
         if changed and self.announce is not None and verdict.state != "waiting":
             self.announce(verdict.message, "info" if verdict.state == "confirmed" else "warning")
         return verdict
+
+    def droplets(self) -> Blobs:
+        """The EM droplets settled so far (binned-volume µm)."""
+        return merge_touching(_concat(self._found)) if self._found else Blobs.empty()
 
     def _judge(self, em: Blobs) -> Verdict:
         s = self.settings
@@ -141,7 +173,7 @@ class OnlineCorrelation:
                                   max_residual_um=max_res)
         except CorrelationRefused as refused:
             agreeing = int(getattr(refused, "best_inliers", 0) or 0)
-            if agreeing * 2 < len(em):
+            if len(em) >= s.min_inliers + 2 and agreeing * 3 < len(em):
                 return Verdict("not_this_cell", self.slices, depth, len(em), agreeing, None,
                                f"{where}: {len(em)} droplets in the EM, but no placement of the chosen cell's "
                                f"{len(self.lm)} confocal droplets matches more than {agreeing} of them - the run may "

@@ -125,7 +125,8 @@ def correlate(lm: LightStack, em: ElectronVolume, out: str | Path, settings: Cor
         raise
     step("registration", 1, 1)
     files.append(write_transform(out / "transform.json", reg, lm=lm, em=em,
-                                 extra={"lm_droplets": len(lm_droplets), "em_droplets": len(em_droplets)}))
+                                 extra={"lm_droplets": len(lm_droplets), "em_droplets": len(em_droplets)},
+                                 channel=str(channel)))
     files.append(write_landmarks(out / "landmarks.csv", lm_droplets, em_droplets, reg))
     # on the droplet grid (about 50 nm): the light channels gain nothing from a finer one
     files.append(write_lm_on_em(out / "lm_on_em.ome.tif", lm, _to_binned(reg.matrix, em, DROPLET_VOXEL_UM),

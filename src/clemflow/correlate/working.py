@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bin_factors", "binned_origin_um", "binned_volume"]
+__all__ = ["bin_factors", "binned_origin_um", "binned_volume", "fill_no_data"]
 
 Target = float | tuple[float, float, float]
 
@@ -18,11 +18,27 @@ def bin_factors(voxel_um: tuple[float, float, float], target_um: Target) -> tupl
     return tuple(max(1, int(np.floor(t / v + 0.25))) for t, v in zip(targets, voxel_um))  # type: ignore[return-value]
 
 
+def fill_no_data(block: np.ndarray, no_data: float | None = 0) -> np.ndarray:
+    """Replace the aligned store's "no data" value (0: outside the slice after its shift) by the median of the rest.
+
+    Left at 0 it reads as the densest material there is, and a detector of dense objects would find the
+    margins of every drifted slice.
+    """
+    if no_data is None:
+        return block
+    empty = block == no_data
+    if empty.any() and not empty.all():
+        block = block.astype(np.float32, copy=True)
+        block[empty] = np.median(block[~empty])
+    return block
+
+
 def binned_volume(data: Any, voxel_um: tuple[float, float, float], target_um: Target,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+                  progress: Callable[[int, int], None] | None = None,
+                  no_data: float | None = 0) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Mean-bin a (Z, Y, X) array-like (numpy, zarr, memmap) to about ``target_um`` voxels; returns (float32, voxel).
 
-    Planes are read ``fz`` at a time; the last incomplete group of planes and edge rows/columns are dropped
+    Voxels equal to ``no_data`` are filled first (:func:`fill_no_data`). Planes are read ``fz`` at a time; the last incomplete group of planes and edge rows/columns are dropped
     (less than one binned voxel), so the origin, the centre of voxel (0, 0, 0), moves by half the binning: the
     returned volume's voxel (0, 0, 0) is centred at ``((f - 1) / 2) * voxel`` in the input's frame, which
     callers add back with :func:`binned_origin_um`.
@@ -34,7 +50,7 @@ def binned_volume(data: Any, voxel_um: tuple[float, float, float], target_um: Ta
         raise ValueError(f"volume of shape {data.shape} is smaller than one {target_um} µm voxel")
     out = np.empty((oz, oy, ox), np.float32)
     for k in range(oz):
-        block = np.asarray(data[k * fz:(k + 1) * fz, : oy * fy, : ox * fx], dtype=np.float32)
+        block = fill_no_data(np.asarray(data[k * fz:(k + 1) * fz, : oy * fy, : ox * fx], dtype=np.float32), no_data)
         out[k] = block.reshape(fz, oy, fy, ox, fx).mean(axis=(0, 2, 4))
         if progress is not None:
             progress(k + 1, oz)

@@ -103,6 +103,8 @@ class LiveAnalysis:
             self._thread = None
         try:
             self._write_aligned(self.pipeline.finish())
+            if self.correlation is not None and self.correlation.slices:
+                self.correlation.update(final=True)
             if self._csv is not None:
                 self._csv.sort()
             if self.processed:

@@ -1,9 +1,9 @@
 """Lipid-droplet detection against the specimen's truth, in the confocal stack and in the EM volume.
 
-One correlative pair (the middle half of the target cell milled) serves every test. Recall counts the
-cell's droplets of 0.4 µm and more inside the volume; precision counts detections within 0.3 µm of any
-droplet of the world (a neighbour's droplets are droplets too); centre errors are split into lateral (x, y)
-and axial (z), in µm of each volume's own frame.
+One correlative pair (the middle half of the target cell milled) serves every test but the real image.
+Recall counts the cell's droplets of 0.4 µm and more inside the volume; precision counts detections
+within 0.3 µm of any droplet of the world (a neighbour's droplets are droplets too); centre errors are
+split into lateral (x, y) and axial (z), in µm of each volume's own frame.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ MATCH_UM = 0.3
 
 @pytest.fixture(scope="module")
 def pair():
-    world = generate_world(SpecimenParams(), seed=1)
+    # one grid square of three cells: the target cell's pair renders in a third of the time of a full region
+    world = generate_world(SpecimenParams(n_columns=1, n_rows=1, cells_per_square=3), seed=1)
     return make_clem_pair(world, pick_cell(world), em_fraction=(0.25, 0.75))
 
 
@@ -50,6 +51,18 @@ def _em_truth(pair) -> Truth:
     scale = abs(np.linalg.det(pair.dish_to_em[:3, :3])) ** (1 / 3)  # the block shrank in embedding
     every = apply(pair.dish_to_em, pair.world.lipid_droplets.center_um)
     return Truth(t["em"], t["radius_um"] * scale, pair.in_em(t["em"]), every)
+
+
+def _part_truth(pair, box: tuple[slice, slice, slice], step: tuple[int, int, int] = (1, 1, 1)) -> Truth:
+    """EM truth in the frame of a part of the volume (``box`` along z, y, x; sampled every ``step``)."""
+    t = _em_truth(pair)
+    z, y, x = pair.em_voxel_um
+    origin = np.array([box[2].start * x, 0.0, box[0].start * z])
+    shape = np.array([box[2].stop - box[2].start, pair.em.shape[1], box[0].stop - box[0].start])
+    extent = (shape - np.array(step[::-1])) * [x, y, z]  # to the centre of the last voxel sampled
+    centre = t.center - origin
+    inside = np.all((centre >= 0) & (centre <= extent), axis=1)
+    return Truth(centre, t.radius, inside, t.every - origin)
 
 
 @dataclass
@@ -85,14 +98,40 @@ def em_found(pair) -> Blobs:
     return detect_em_droplets(pair.em, pair.em_voxel_um)
 
 
+@pytest.fixture(scope="module")
+def part_box(pair) -> tuple[slice, slice, slice]:
+    """110 slices x 240 columns of the EM volume (11 x 12 µm) holding the most whole big droplets."""
+    t = _em_truth(pair)
+    z, _, x = pair.em_voxel_um
+    big = t.radius >= 0.2
+    c, r = t.center[big], t.radius[big]
+    nz, _, nx = pair.em.shape
+
+    def whole(k0: int, i0: int) -> int:
+        lo = np.array([i0 * x, 0.0, k0 * z]) + r[:, None]
+        hi = np.array([(i0 + 239) * x, np.inf, (k0 + 109) * z]) - r[:, None]
+        return int(np.all((c >= lo) & (c <= hi), axis=1).sum())
+
+    starts = [(k, i) for k in range(0, nz - 110, 10) for i in range(0, nx - 240, 20)]
+    k0, i0 = max(starts, key=lambda ki: whole(*ki))
+    return slice(k0, k0 + 110), slice(0, pair.em.shape[1]), slice(i0, i0 + 240)
+
+
+@pytest.fixture(scope="module")
+def em_part(pair, part_box) -> tuple[np.ndarray, Blobs]:
+    """That part of the EM volume and its droplets: for variants of the volume."""
+    part = pair.em[part_box]
+    return part, detect_em_droplets(part, pair.em_voxel_um)
+
+
 # -- light ------------------------------------------------------------------------------------------------
 
 
 def test_lm_droplets_against_truth(pair, lm_found):
-    """Measured: recall 41/41, precision 1.0, centre error median 1 nm lateral / 2 nm axial (the simulated
-    stack has Gaussian blobs and no aberration; real data would be tens of nm), radii within 3 %."""
+    """Measured: recall 26/26, precision 1.0, centre error median 0.5 nm lateral / 1.6 nm axial (the
+    simulated stack has Gaussian blobs and no aberration; real data would be tens of nm), radii within 3 %."""
     s = _score(lm_found, _lm_truth(pair))
-    assert s.n_big >= 30
+    assert s.n_big >= 20
     assert s.recall >= 0.95
     assert s.precision >= 0.95
     assert np.median(s.lateral) < 0.02 and np.percentile(s.lateral, 90) < 0.05
@@ -139,12 +178,22 @@ def test_lm_ball_images():
     np.testing.assert_allclose(found.radius_um[j], radii, rtol=0.15)
 
 
+def test_lm_any_scaling(pair):
+    """Counts rescaled (a normalised float export) give the same droplets: no level is assumed."""
+    crop = pair.lm[BODIPY, :, 100:300, 100:300]
+    a = detect_lm_droplets(crop, pair.lm_voxel_um)
+    b = detect_lm_droplets(crop / 65535.0, pair.lm_voxel_um)
+    assert len(a) >= 20 and len(b) == len(a)
+    np.testing.assert_allclose(b.center_um, a.center_um, atol=1e-4)  # float32 rounding in the fits
+
+
 def test_lm_sees_nothing_in_noise():
     """Shot and read noise of an empty field: the threshold comes from the stack's own noise model."""
     rng = np.random.default_rng(3)
     shape = (24, 160, 160)
     stack = np.rint(rng.poisson(40.0, shape) / 0.5 + 100 + rng.normal(0, 3.2, shape)).astype(np.uint16)
     assert len(detect_lm_droplets(stack, (0.25, 0.103, 0.103))) == 0
+    assert len(detect_lm_droplets(np.full((5, 40, 40), 128, np.uint16), (0.25, 0.1, 0.1))) == 0
 
 
 def test_lm_input_errors():
@@ -184,10 +233,10 @@ def test_lm_real_widefield_mirror(shared_data):
 
 
 def test_em_droplets_against_truth(pair, em_found):
-    """Measured: recall 29/29, precision 0.95 (2 small dense bodies of 38), centre error median 2 nm, radii
-    within 2 % of the truth (which shrank 3 % in embedding)."""
+    """Measured: recall 19/19, precision 1.0, centre error median 3 nm lateral / 3 nm axial, radii 3 %
+    under the truth (which shrank 3 % in embedding). On the full-region world (seed 1): 29/29, 0.95."""
     s = _score(em_found, _em_truth(pair))
-    assert s.n_big >= 20
+    assert s.n_big >= 15
     assert s.recall >= 0.93
     assert s.precision >= 0.88
     assert np.median(s.lateral) < 0.02 and np.percentile(s.lateral, 90) < 0.04
@@ -204,42 +253,49 @@ def test_em_rejects_lookalikes(pair, em_found):
     rows = np.flatnonzero(np.isin(lyso["index"], loaded))
     centres = lyso["em"][rows]
     inside = pair.in_em(centres, 0.3) & (2 * lyso["radius_um"][rows] * scale >= 0.3)
-    assert inside.sum() >= 10
     droplets = _em_truth(pair).every
-    d = np.linalg.norm(centres[inside][:, None] - em_found.center_um[None], axis=2).min(axis=1)
     clear = np.linalg.norm(centres[inside][:, None] - droplets[None], axis=2).min(axis=1) > 0.5
     assert clear.sum() >= 10
+    d = np.linalg.norm(centres[inside][:, None] - em_found.center_um[None], axis=2).min(axis=1)
     assert np.mean(d[clear] < MATCH_UM) <= 0.05
 
 
-def test_em_anisotropic_voxels(pair, em_found):
+def test_em_anisotropic_voxels(pair, em_part, part_box):
     """Every other slice (0.2 µm) or every other column (0.1 µm along x): the same droplets, in µm."""
     z, y, x = pair.em_voxel_um
-    truth = _em_truth(pair)
-    for volume, voxel in ((pair.em[::2], (2 * z, y, x)), (pair.em[:, :, ::2], (z, y, 2 * x))):
-        s = _score(detect_em_droplets(volume, voxel), truth)
+    part = em_part[0]
+    for step, voxel in (((2, 1, 1), (2 * z, y, x)), ((1, 1, 2), (z, y, 2 * x))):
+        volume = part[:: step[0], :: step[1], :: step[2]]
+        s = _score(detect_em_droplets(volume, voxel), _part_truth(pair, part_box, step))
+        assert s.n_big >= 6
         assert s.recall >= 0.9
         assert s.precision >= 0.85
         assert np.median(s.lateral) < 0.03
         assert np.median(s.axial) < 0.05
 
 
-def test_em_binning_keeps_the_frame(pair):
+def test_em_binning_keeps_the_frame(pair, em_part):
     """A volume at 25 nm pixels is binned by 2 to the working voxel: centres stay in the fine frame.
 
-    Each pixel of a crop repeated 2 x 2 is the crop sampled at 25 nm with its content shifted by a quarter
-    of a 50 nm pixel, so the droplets must come out at the crop's positions plus 12.5 nm in x and y.
+    Each pixel repeated 2 x 2 is the volume sampled at 25 nm with its content shifted by a quarter of a
+    50 nm pixel, so the droplets must come out at the original positions plus 12.5 nm in x and y.
     """
     z, y, x = pair.em_voxel_um
-    crop = pair.em[:, :, :240]
-    coarse = detect_em_droplets(crop, (z, y, x))
-    fine = detect_em_droplets(np.repeat(np.repeat(crop, 2, axis=1), 2, axis=2), (z, y / 2, x / 2))
-    assert len(coarse) >= 3 and len(fine) == len(coarse)
-    order_c = np.lexsort(coarse.center_um.T)
-    order_f = np.lexsort(fine.center_um.T)
-    shift = np.array([x / 4, y / 4, 0.0])
-    np.testing.assert_allclose(fine.center_um[order_f], coarse.center_um[order_c] + shift, atol=1e-6)
-    np.testing.assert_allclose(fine.radius_um[order_f], coarse.radius_um[order_c], rtol=1e-6)
+    part, coarse = em_part
+    fine = detect_em_droplets(np.repeat(np.repeat(part, 2, axis=1), 2, axis=2), (z, y / 2, x / 2))
+    assert len(coarse) >= 5 and len(fine) == len(coarse)
+    np.testing.assert_allclose(fine.center_um, coarse.center_um + [x / 4, y / 4, 0.0], atol=1e-6)
+    np.testing.assert_allclose(fine.radius_um, coarse.radius_um, rtol=1e-6)
+
+
+def test_em_any_scaling_or_polarity(pair, em_part):
+    """Grey levels as floats 0-1, or raw backscatter (dense bright): the same droplets."""
+    part, a = em_part
+    b = detect_em_droplets(part.astype(np.float32) / 255, pair.em_voxel_um)
+    c = detect_em_droplets(255 - part, pair.em_voxel_um, dense_is_dark=False)
+    assert len(b) == len(a) == len(c)
+    np.testing.assert_allclose(b.center_um, a.center_um, atol=1e-6)
+    np.testing.assert_allclose(c.center_um, a.center_um, atol=1e-6)
 
 
 def test_em_cut_by_faces(pair):
@@ -271,7 +327,7 @@ def test_em_cut_by_faces(pair):
 
 def test_em_nothing_in_resin_or_noise(pair):
     """Resin only (a corner of the block), a flat volume, white noise: no droplets."""
-    assert len(detect_em_droplets(pair.em[:, 90:, :60], pair.em_voxel_um)) == 0
+    assert len(detect_em_droplets(pair.em[:, -30:, :60], pair.em_voxel_um)) == 0
     assert len(detect_em_droplets(np.full((5, 40, 40), 128, np.uint8), (0.1, 0.05, 0.05))) == 0
     noise = np.random.default_rng(0).integers(0, 255, (20, 80, 80)).astype(np.uint8)
     assert len(detect_em_droplets(noise, (0.1, 0.05, 0.05))) == 0
@@ -317,29 +373,25 @@ def test_merge_touching_constructed():
 
 
 def test_merge_touching_on_truth(pair, lm_found):
-    """The cell's EM droplets (truth) merged at the default LM resolution.
+    """The cell's droplets (truth, EM frame) merged at the default LM resolution.
 
     Volume is kept, nothing is left to merge, and every droplet lies in a merged one. Against the LM
-    detections: the simulated confocal renders a droplet as a Gaussian narrower than the ball, so it still
-    separates droplets whose surfaces are 0.1-0.25 µm apart, and merging at (0.25, 0.6) µm leaves 2 of 26
-    big merged droplets without an LM blob at their centre (measured 0.92; unmerged 1.0).
+    detections: the simulated confocal renders a droplet as a Gaussian narrower than the ball, so it can
+    still separate droplets whose surfaces are 0.1-0.25 µm apart; measured, every big merged droplet of
+    this cell has an LM blob at its centre, but on the full-region world's target cell (seed 1) 2 of 26 do
+    not (unmerged: all do).
     """
     truth = _em_truth(pair)
-    em = Blobs(truth.center[truth.inside], truth.radius[truth.inside], np.arange(int(truth.inside.sum()), dtype=float))
+    em = Blobs(truth.center, truth.radius, np.arange(len(truth.radius), dtype=float))
     merged = merge_touching(em)
     assert len(em) - len(merged) >= 3
     assert np.sum(merged.radius_um**3) == pytest.approx(np.sum(em.radius_um**3))
-    again = merge_touching(merged)
-    assert len(again) == len(merged)
-    # each droplet belongs to one merged droplet: the one carrying its score, close enough to hold it
-    owner = {s: k for k, s in enumerate(merged.score)}
-    singles = [k for k, s in enumerate(em.score) if s in owner]
-    assert len(singles) >= len(merged) - 5
+    assert len(merge_touching(merged)) == len(merged)
     d = np.linalg.norm(em.center_um[:, None] - merged.center_um[None], axis=2)
-    reach = merged.radius_um[None] + em.radius_um[:, None] + 0.6
-    assert np.all((d <= reach).any(axis=1))
-    # against the light: big merged droplets with an LM blob at their centre
+    assert np.all((d <= merged.radius_um[None] + em.radius_um[:, None] + 0.6).any(axis=1))
+    # against the light, where the EM volume is
     lm_in_em = apply(pair.lm_to_em, lm_found.center_um)
-    big = 2 * merged.radius_um >= 0.4
+    big = (2 * merged.radius_um >= 0.4) & pair.in_em(merged.center_um)
+    assert big.sum() >= 15
     near = np.linalg.norm(merged.center_um[big][:, None] - lm_in_em[None], axis=2).min(axis=1) < 0.15
     assert near.mean() >= 0.85

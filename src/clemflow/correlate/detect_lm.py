@@ -117,7 +117,10 @@ def _score(vst: NDArray[np.float32], voxel: NDArray, psf: NDArray, radii: NDArra
             curv = -ndimage.gaussian_filter(vst, sigma, order=order, mode="nearest")
             sub = curv[:: step[0], :: step[1], :: step[2]]
             noise = 1.4826 * float(np.median(np.abs(sub - np.median(sub))))
-            curv /= np.float32(max(noise, 1e-12))
+            if noise < 1e-6:  # no noise at all: a flat or synthetic stack, nothing to measure against
+                least = np.full(vst.shape, -np.inf, np.float32)
+                break
+            curv /= np.float32(noise)
             least = curv if least is None else np.minimum(least, curv, out=least)
         better = least > best
         best[better] = least[better]
@@ -248,6 +251,11 @@ def detect_lm_droplets(
 
     counts = stack.astype(np.float32)
     a, b = noise_model(counts)
+    # work in units of the noise sd at the median level, so that any scaling of the data reads the same
+    var = a * float(np.median(counts)) + b
+    unit = float(np.sqrt(var)) if var > 0 else float(counts.std()) or 1.0
+    counts /= np.float32(unit)
+    a, b = a / unit, b / unit**2
     vst = stabilise(counts, a, b)
     radii = np.geomspace(d_lo / 2, d_hi / 2, N_SCALES)
     score, which = _score(vst, voxel, psf, radii)

@@ -81,6 +81,8 @@ def correlate_command(
     console.print(f"[green]✓[/green] {len(result.lm_droplets)} droplets in the light stack, {len(result.em_droplets)} in "
                   f"the EM; {len(reg.pairs)} agree ({reg.model}{', mirrored' if reg.mirrored else ''}, scale "
                   f"{reg.scale:.3f}, z-scale {reg.z_scale:.3f}); leave-one-out TRE {reg.tre_estimate_um * 1000:.0f} nm")
+    for note in result.notes:
+        console.print(f"  [yellow]![/yellow] {escape(note)}", soft_wrap=True)
     if result.clusters is not None:
         s = result.clusters.summary()
         console.print(f"  particle clusters: {escape(_summary_line(s))}")

@@ -71,6 +71,8 @@ def correlation_stage(folder: Path, targets_path: Path, protocol_path: Path, see
     console.print(f"  {len(result.lm_droplets)} droplets in the confocal stack, {len(result.em_droplets)} in the EM, "
                   f"{len(reg.pairs)} agree ({reg.model}, {'mirrored' if reg.mirrored else 'not mirrored'}, scale "
                   f"{reg.scale:.3f}); leave-one-out TRE {reg.tre_estimate_um * 1000:.0f} nm")
+    for note in result.notes:
+        console.print(f"  [yellow]![/yellow] {note}")
     if result.clusters is not None:
         summary = result.clusters.summary()
         console.print(f"  particle clusters: {summary}")

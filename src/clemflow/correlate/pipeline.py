@@ -43,6 +43,8 @@ DROPLET_VOXEL_UM = (0.1, 0.05, 0.05)
 """(z, y, x) voxel the EM droplet detection works at: droplets are 0.1-1 µm."""
 PARTICLE_VOXEL_UM = (0.04, 0.02, 0.02)
 """Voxel the particle-cluster detection works at (finer: particles are 50-60 nm)."""
+PARTICLE_MAX_PIXEL_UM = 0.03
+"""Coarser EM pixels do not resolve 50-60 nm particles: the clusters are not looked for."""
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Correlated:
     em_droplets: Blobs
     clusters: Any = None  # particles.ClusterTable
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _shifted(blobs: Blobs, origin_um: np.ndarray) -> Blobs:
@@ -134,7 +137,10 @@ def correlate(lm: LightStack, em: ElectronVolume, out: str | Path, settings: Cor
     step("light channels on the EM grid", 1, 1)
     result = Correlated(reg, lm_droplets, em_droplets, files=files)
 
-    if particles:
+    if particles and em.voxel_um[2] > PARTICLE_MAX_PIXEL_UM:
+        result.notes.append(f"particle clusters not analysed: EM pixels of {em.voxel_um[2] * 1000:.0f} nm do not resolve "
+                            f"50-60 nm particles (needs {PARTICLE_MAX_PIXEL_UM * 1000:.0f} nm or finer)")
+    elif particles:
         result.clusters = _particles(lm, em, reg, out, files, step)
     if overlays:
         files.extend(_overlays(lm, out, volume, voxel, em, reg, result))

@@ -1,8 +1,8 @@
 """Uptake over a time course: the run folder read, per-timepoint numbers against the specimen's truth, stats, CLI.
 
 The simulated time course here is a reduced one so that the file runs in seconds: two treated timepoints (1 h,
-where a fifth of the cells have no particles yet, and 24 h) and the untreated control, about 6 whole cells each,
-768 x 768 fields and 10 planes 0.9 µm apart (the study's stacks: 1024 x 1024, 30 planes 0.3 µm apart). The full
+where a fifth of the cells have no particles yet, and 24 h) and the untreated control, one field of 3 whole
+cells each, 768 x 768 pixels and 10 planes 0.9 µm apart (the study's stacks: 1024 x 1024, 30 planes 0.3 µm apart). The full
 course (7 timepoints and the control, >= 40 cells each, full-size stacks) is measured by benchmarks/bench_quantify.py.
 """
 
@@ -24,7 +24,7 @@ from clemflow.quantify.timecourse import find_stacks, read_stack, run_protocol
 from clemflow.simulators.specimen.timecourse import TimecourseSpec, truth_by_group, write_timecourse
 
 SPEC = TimecourseSpec(hours=(1.0, 24.0), control_hours=(1.0,), shape=(768, 768), cells_per_dish=100,
-                      cells_per_timepoint=6, planes=10, z_step_um=0.9, seed=3)
+                      cells_per_timepoint=3, planes=10, z_step_um=0.9, seed=3)
 
 
 def goal_tolerance(truth: float) -> float:

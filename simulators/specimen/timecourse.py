@@ -360,14 +360,17 @@ def write_timecourse(
             progress(done, total, f"{group.dish.id} at {group.hours:g} h")
 
     name = protocol.experiment.name
+    def world_of(group: _Group) -> World | None:
+        return first_world.pop((group.dish.id, group.hours), None)
+
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [(g, pool.submit(_render_group, spec, g, run.path, name)) for g in groups]
+            futures = [(g, pool.submit(_render_group, spec, g, run.path, name, world_of(g))) for g in groups]
             for group, future in futures:
                 finished(group, future.result())
     else:
         for group in groups:
-            finished(group, _render_group(spec, group, run.path, name, first_world.pop((group.dish.id, group.hours), None)))
+            finished(group, _render_group(spec, group, run.path, name, world_of(group)))
     truth = run.path / "truth"
     truth.mkdir(exist_ok=True)
     rows.sort(key=lambda r: (r["sample"], r["timepoint_s"], r["stack"], r["cell_id"]))

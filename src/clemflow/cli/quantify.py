@@ -26,7 +26,7 @@ def _cell(mean: float, sd: float, stars: str, percent: bool) -> str:
 def quantify(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run folder of a confocal time course (holds confocal/)."),
     out: Path = typer.Option(..., "--out", help="Output folder for cells.csv, timepoints.csv, curves and overlays."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Stacks quantified in parallel (processes)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Stacks quantified in parallel (processes; each holds one stack)."),
     student: bool = typer.Option(False, "--student", help="Student's t-test (equal variances) instead of Welch's."),
 ) -> None:
     """Segment cells, particles and endolysosomes in every z-stack; per-timepoint statistics and curves.

@@ -45,6 +45,8 @@ Progress = Callable[[int, int], None]
 Voxel = tuple[float, float, float]
 
 PARTICLE_DIAMETER_UM = 0.055
+RING_UM = 0.07
+"""Outer radius of the ring that tells a lone dot's surroundings."""
 LINE_UM = 0.8
 """In-plane length of the background lines: more than the widest cluster packed in an endolysosome."""
 WORKING_VOXEL_UM = (0.04, 0.02, 0.02)
@@ -219,12 +221,26 @@ def particle_cores(density: NDArray[np.float32], core_level: float, core_voxels:
     return big[labels]
 
 
+def read_box(volume: Any, to_density: Callable, factors: tuple[int, int, int], lo: Any, hi: Any
+             ) -> NDArray[np.float32]:
+    """Density of the working-grid box ``lo``..``hi`` (z, y, x; exclusive), mean-binned by ``factors``."""
+    f = np.asarray(factors)
+    lo, hi = np.asarray(lo, int), np.asarray(hi, int)
+    raw = np.asarray(volume[lo[0] * f[0]:hi[0] * f[0], lo[1] * f[1]:hi[1] * f[1], lo[2] * f[2]:hi[2] * f[2]])
+    dens = to_density(raw)
+    if f.prod() > 1:
+        n = hi - lo
+        dens = dens.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    return dens
+
+
 @dataclass
 class _Voxels:
-    """Particle voxels gathered chunk by chunk: global (z, y, x) index, smoothed density, dot label."""
+    """Particle voxels gathered chunk by chunk: global (z, y, x) index, smoothed and raw density, dot label."""
 
     index: list[NDArray]
     level: list[NDArray]
+    raw: list[NDArray]
     dot: list[NDArray]
     n_dots: int = 0
 
@@ -237,15 +253,12 @@ def _scan(volume: Any, to_density: Callable, factors: tuple[int, int, int], voxe
     ny, nx = int(volume.shape[1]) // fy, int(volume.shape[2]) // fx
     sigma, box = _filter_sizes(voxel, settings["diameter_um"], settings["line_um"])
     halo = box[0] // 2 + int(np.ceil(3 * sigma[0])) + 1
-    found = _Voxels([], [], [])
+    found = _Voxels([], [], [], [])
     structure = np.ones((3, 3, 3), bool)
     for z0 in range(0, nz, chunk):
         z1 = min(z0 + chunk, nz)
         a, b = max(z0 - halo, 0), min(z1 + halo, nz)
-        raw = np.asarray(volume[a * fz:b * fz, : ny * fy, : nx * fx])
-        dens = to_density(raw)
-        if fz * fy * fx > 1:
-            dens = dens.reshape(b - a, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+        dens = read_box(volume, to_density, factors, (a, 0, 0), (b, ny, nx))
         mask, smooth = particle_mask(dens, tuple(voxel), diameter_um=settings["diameter_um"],
                                      min_level=settings["min_level"], min_contrast=settings["min_contrast"],
                                      line_um=settings["line_um"])
@@ -263,6 +276,7 @@ def _scan(volume: Any, to_density: Callable, factors: tuple[int, int, int], voxe
             renumber = np.cumsum(keep) - 1 + found.n_dots
             found.index.append(np.column_stack([zz[ok] + z0, yy[ok], xx[ok]]))
             found.level.append(lev[ok])
+            found.raw.append(dens[core][zz[ok], yy[ok], xx[ok]])
             found.dot.append(renumber[lab[ok] - 1])
             found.n_dots += int(keep.sum())
         if progress is not None:
@@ -294,6 +308,8 @@ def detect_clusters(
     min_level: float = 0.72,
     core_level: float = 0.9,
     core_voxels: int = 2,
+    dense_context: float = 0.47,
+    strict_core_level: float = 0.96,
     min_contrast: float = 0.28,
     link_um: float = 0.08,
     line_um: float = LINE_UM,
@@ -318,13 +334,16 @@ def detect_clusters(
     voxel = voxel_in * np.array(factors)
     origin_xyz = binned_origin_um(tuple(voxel_in), working_voxel_um)
     settings = {"diameter_um": diameter_um, "min_level": min_level, "core_level": core_level, "core_voxels": core_voxels,
-                "min_contrast": min_contrast, "line_um": line_um}
-    found = _scan(volume, density_scale(volume, dense_is_dark, grey_range), factors, voxel,
+                "min_contrast": min_contrast, "line_um": line_um, "dense_context": dense_context,
+                "strict_core_level": strict_core_level}
+    to_density = density_scale(volume, dense_is_dark, grey_range)
+    found = _scan(volume, to_density, factors, voxel,
                   max(int(chunk_planes), 1), settings, progress)
     if found.n_dots == 0:
         return ParticleClusters.empty()
     index = np.concatenate(found.index)
     level = np.concatenate(found.level)
+    raw = np.concatenate(found.raw)
     dot = np.concatenate(found.dot)
     xyz = index[:, ::-1] * voxel[::-1] + origin_xyz
     count = np.bincount(dot, minlength=found.n_dots).astype(float)
@@ -334,10 +353,29 @@ def detect_clusters(
     np.maximum.at(dot_reach, dot, np.linalg.norm(xyz - dot_centre[dot], axis=1))
     dot_reach += half
     dot_cluster = _group(dot_centre, dot_reach, link_um)
+    # a lone dot in dense, mottled surroundings needs a core at the density of a particle, not of a speck
+    lone = np.flatnonzero(np.bincount(dot_cluster) == 1)
+    lone_dots = np.flatnonzero(np.isin(dot_cluster, lone))
+    shape = tuple(int(s) // f for s, f in zip(volume.shape, factors))
+    order = np.argsort(dot, kind="stable")
+    start = np.concatenate([[0], np.cumsum(count.astype(int))])
+    specks = [d for d in lone_dots if not _lone_particle(
+        index[order[start[d]:start[d + 1]]], raw[order[start[d]:start[d + 1]]], volume, to_density, factors, voxel,
+        shape, settings)]
+    keep_dot = np.ones(found.n_dots, bool)
+    keep_dot[specks] = False
+    if not keep_dot.any():
+        return ParticleClusters.empty()
+    kept = keep_dot[dot]
+    index, level, dot, xyz = index[kept], level[kept], dot[kept], xyz[kept]
+    _, dot_cluster = np.unique(dot_cluster[keep_dot], return_inverse=True)
+    renumber = np.cumsum(keep_dot) - 1
+    dot = renumber[dot]
+    count = count[keep_dot]
     cluster = dot_cluster[dot]  # per voxel
     n = int(cluster.max()) + 1
     # an isolated particle's voxel count, from this volume's own dots (most dots are single particles)
-    single = float(np.median(count)) if found.n_dots >= 20 else np.pi / 6 * diameter_um ** 3 / float(np.prod(voxel))
+    single = float(np.median(count)) if len(count) >= 20 else np.pi / 6 * diameter_um ** 3 / float(np.prod(voxel))
     size = np.bincount(cluster, minlength=n).astype(float)
     centre = np.column_stack([np.bincount(cluster, xyz[:, k], n) for k in range(3)]) / size[:, None]
     n_est = np.zeros(n)
@@ -349,3 +387,26 @@ def detect_clusters(
     volume_um3 = size / single * (np.pi / 6 * diameter_um ** 3)
     return ParticleClusters(centre, volume_um3, n_est.astype(np.int64), peak, reach + half)
 
+
+def _lone_particle(index: NDArray, raw: NDArray, volume: Any, to_density: Callable, factors: tuple[int, int, int],
+                   voxel: NDArray, shape: tuple[int, ...], settings: dict[str, float]) -> bool:
+    """Whether a dot that forms a cluster alone is a particle rather than a speck of dense, mottled content.
+
+    Its surroundings (a ring 1 voxel to ``RING_UM`` out in its planes, particle material left out) are read from
+    the volume; when they are as dense as ``dense_context`` the dot's two densest voxels must average
+    ``strict_core_level``.
+    """
+    top2 = float(np.mean(np.sort(raw)[-2:]))
+    if top2 >= settings["strict_core_level"]:
+        return True
+    pad = np.array([0, *np.ceil(RING_UM / voxel[1:]).astype(int)]) + 1
+    lo = np.maximum(index.min(axis=0) - pad, 0)
+    hi = np.minimum(index.max(axis=0) + pad + 1, np.array(shape))
+    dens = read_box(volume, to_density, factors, lo, hi)
+    own = np.zeros(dens.shape, bool)
+    own[tuple((index - lo).T)] = True
+    outer = ndimage.binary_dilation(own, np.ones((1, 2 * pad[1] - 1, 2 * pad[2] - 1), bool))
+    ring = outer & ~ndimage.binary_dilation(own, np.ones((1, 3, 3), bool)) & (dens < settings["min_level"])
+    if ring.sum() < 4:
+        return True
+    return float(dens[ring].mean()) < settings["dense_context"]

@@ -3,7 +3,7 @@
 Each timepoint is a point at its mean with an SD error bar, the timepoints
 evenly spaced (1, 2, 4, 6, 14, 24 and 48 h would crowd the early points on a
 linear axis), and the significance against the reference group written above
-the bar. The untreated control is drawn apart, left of the time axis, on the
+the bar; bars of a share stop at 0 and 100 %. The untreated control is drawn apart, left of the time axis, on the
 curve it is the reference of (endolysosomal volume); the reference group
 carries no stars.
 """
@@ -50,10 +50,12 @@ def plot_curve(path: str | Path, stats: Sequence[GroupStats], metric: Metric, te
         mean = m.mean * scale
         sd = m.sd * scale if math.isfinite(m.sd) else 0.0
         colour = CONTROL_COLOUR if s.group.role == "control" else TREATED_COLOUR
+        # a share cannot leave 0-100 %: the bar stops there (a yes/no metric's SD would reach past 100 %)
+        low, high = (min(sd, mean), min(sd, scale - mean)) if metric.percent and math.isfinite(mean) else (sd, sd)
         if math.isfinite(mean):
-            ax.errorbar(x, mean, yerr=sd, fmt="o", ms=5, color=colour, ecolor=colour, elinewidth=1.2, capsize=3,
+            ax.errorbar(x, mean, yerr=[[low], [high]], fmt="o", ms=5, color=colour, ecolor=colour, elinewidth=1.2, capsize=3,
                         markeredgecolor="white", markeredgewidth=0.6, zorder=3)
-        tops.append((x, mean + sd if math.isfinite(mean) else float("nan"), m))
+        tops.append((x, mean + high if math.isfinite(mean) else float("nan"), m))
     line = [(x, s.metrics[metric.name].mean * scale) for x, s in zip(xs[len(control):], treated)]
     line = [(x, y) for x, y in line if math.isfinite(y)]
     if len(line) > 1:

@@ -45,6 +45,15 @@ def test_demo_prints_the_estimate(cli, tmp_path):
     assert len(list(csv.DictReader((aligned / "qc.csv").open()))) == 40
     for name in ("reslice_xz.png", "reslice_yz.png", "drift.png", "qc.png"):
         assert (aligned / name).stat().st_size > 10_000, name
+    # correlation: the survey run is confirmed online on the chosen cell, and the whole volume registers to the
+    # confocal stack (the transform maps the cell's droplets: checked against the specimen in test_correlate_*)
+    flat = " ".join(output.split())
+    assert "online: confirmed on the chosen cell" in flat, output
+    import json
+
+    result = json.loads((run / "correlation" / "correlation" / "transform.json").read_text())
+    assert result["inliers"] >= 8 and result["tre_estimate_um"] < 0.5
+    assert len(list((run / "correlation" / "correlation").glob("overlay_*.png"))) >= 3
 
 
 def test_duration_limit_stops_first():

@@ -10,7 +10,6 @@ specimen's EM, an EM slab with too few droplets, a file without voxel sizes.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,9 +23,6 @@ from clemflow.correlate.outputs import read_transform
 from clemflow.simulators.specimen import SpecimenParams, generate_world
 from clemflow.simulators.specimen.clem_pair import LM_CHANNELS, apply, make_clem_pair
 
-# particle placement lands separately; until then the command is run without it
-PARTICLES = importlib.util.find_spec("clemflow.correlate.particles") is not None
-OPTIONS = () if PARTICLES else ("--no-particles",)
 
 
 def droplet_rich_cell(world) -> int:
@@ -87,7 +83,7 @@ def run(files: dict[str, Path]) -> dict:
     _register()
     out = files["root"] / "out"
     result = CliRunner().invoke(app, ["correlate", "--lm", str(files["lm"]), "--em", str(files["em"]),
-                                      "--out", str(out), *OPTIONS], env={"COLUMNS": "200"})
+                                      "--out", str(out)], env={"COLUMNS": "200"})
     return {"code": result.exit_code, "output": result.output, "out": out}
 
 
@@ -155,11 +151,11 @@ def test_overlays_written(run):
         assert str(png) in run["output"].replace("\n", "")
 
 
-@pytest.mark.skipif(not PARTICLES, reason="clemflow.correlate.particles not there yet")
-def test_particle_tables_written(run):
+def test_particles_not_looked_for_at_50_nm_and_said_so(run):
+    """50-60 nm particles are not resolved by 50 nm pixels: no cluster table, and the output says why."""
     assert run["code"] == 0, run["output"]
-    assert (run["out"] / "clusters.csv").is_file()
-    assert (run["out"] / "cell_summary.json").is_file()
+    assert "particle clusters not analysed" in run["output"] and "50 nm" in run["output"]
+    assert not (run["out"] / "clusters.csv").exists()
 
 
 def test_refused_on_the_em_of_another_specimen(cli, files, tmp_path):
@@ -168,7 +164,7 @@ def test_refused_on_the_em_of_another_specimen(cli, files, tmp_path):
     count = np.bincount(other.lipid_droplets.cell_id, minlength=len(other.cells))
     em = make_clem_pair(other, int(np.argmax(count)), em_fraction=(0.5, 0.85))
     path = write_em(tmp_path / "other.ome.tif", em.em, em.em_voxel_um)
-    code, output = cli("correlate", "--lm", files["lm"], "--em", path, "--out", tmp_path / "out", *OPTIONS)
+    code, output = cli("correlate", "--lm", files["lm"], "--em", path, "--out", tmp_path / "out")
     assert code == 3, output
     assert "refused" in output and "agree" in output
     refused = json.loads((tmp_path / "out" / "refused.json").read_text(encoding="utf-8"))
@@ -182,7 +178,7 @@ def test_refused_on_an_em_slab_with_few_droplets(cli, pair, files, tmp_path):
     z = truth["em"][:, 2]
     assert np.count_nonzero((z > 0) & (z < planes * pair.em_voxel_um[0])) < 8
     path = write_em(tmp_path / "slab.ome.tif", pair.em[:planes], pair.em_voxel_um)
-    code, output = cli("correlate", "--lm", files["lm"], "--em", path, "--out", tmp_path / "out", *OPTIONS)
+    code, output = cli("correlate", "--lm", files["lm"], "--em", path, "--out", tmp_path / "out")
     assert code == 3, output
     refused = json.loads((tmp_path / "out" / "refused.json").read_text(encoding="utf-8"))
     assert refused["em_droplets"] < 8
@@ -193,12 +189,12 @@ def test_refused_on_an_em_slab_with_few_droplets(cli, pair, files, tmp_path):
 def test_missing_voxel_size_names_the_option(cli, pair, files, tmp_path):
     slab = pair.em[:25]
     bare = write_em(tmp_path / "bare.tif", slab, None)
-    code, output = cli("correlate", "--lm", files["lm"], "--em", bare, "--out", tmp_path / "out", *OPTIONS)
+    code, output = cli("correlate", "--lm", files["lm"], "--em", bare, "--out", tmp_path / "out")
     assert code == 2, output
     assert "voxel size" in output and "--em-voxel-um" in output
     assert not (tmp_path / "out" / "transform.json").exists()
     # the option named does fix it: the file is read and the slab judged (refused for its few droplets, not unreadable)
     z, y, x = pair.em_voxel_um
     code, output = cli("correlate", "--lm", files["lm"], "--em", bare, "--out", tmp_path / "out",
-                       "--em-voxel-um", str(z), str(y), str(x), *OPTIONS)
+                       "--em-voxel-um", str(z), str(y), str(x))
     assert code == 3, output

@@ -16,7 +16,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
-    from . import align, bridge, correlate, demo, fibsem, grid, protocol_commands, qc, run, specimen  # noqa: F401
+    from . import align, bridge, correlate, demo, fibsem, grid, protocol_commands, qc, quantify, run, specimen  # noqa: F401
 
 
 def main() -> None:

@@ -220,7 +220,24 @@ def _timecourse_stage(protocol_path: Path, out: Path, seed: int) -> dict:
                   f"{len(stacks)} z-stacks in {folder.path / 'confocal'}")
     _timecourse_picture(stacks, folder.path / "timecourse_639_mip.png")
     console.print(f"  [green]✓[/green] {folder.path / 'timecourse_639_mip.png'}")
-    return {"done": len(summary.done), "stacks": len(stacks)}
+    quantified = _quantify_stage(folder.path)
+    return {"done": len(summary.done), "stacks": len(stacks), "cells_quantified": quantified}
+
+
+def _quantify_stage(run_dir: Path) -> int:
+    """Uptake per cell and per timepoint from the stacks just taken, as `clemflow quantify` does: curves and tables."""
+    from ..quantify.timecourse import quantify_run
+    from ..quantify.writers import write_outputs
+
+    out = run_dir / "quantified"
+    run = quantify_run(run_dir, overlays_dir=out / "overlays")
+    _, files = write_outputs(out, run)
+    console.print(f"  quantified {len(run.cells)} cells in {len(run.stacks)} stacks ({sum(run.excluded_at_border.values())} cut by the "
+                  "image border, left out); curves in the style of the study's Fig. 5:")
+    for path in files:
+        if path.suffix in (".png", ".csv"):
+            console.print(f"  [green]✓[/green] {path}")
+    return len(run.cells)
 
 
 def _timecourse_picture(stacks: list[Path], path: Path) -> None:

@@ -308,7 +308,7 @@ def detect_clusters(
     min_level: float = 0.72,
     core_level: float = 0.9,
     core_voxels: int = 2,
-    dense_context: float = 0.47,
+    dense_context: float = 0.5,
     strict_core_level: float = 0.96,
     min_contrast: float = 0.28,
     link_um: float = 0.08,
@@ -393,8 +393,8 @@ def _lone_particle(index: NDArray, raw: NDArray, volume: Any, to_density: Callab
     """Whether a dot that forms a cluster alone is a particle rather than a speck of dense, mottled content.
 
     Its surroundings (a ring 1 voxel to ``RING_UM`` out in its planes, particle material left out) are read from
-    the volume; when they are as dense as ``dense_context`` the dot's two densest voxels must average
-    ``strict_core_level``.
+    the volume; when a quarter of them is as dense as ``dense_context`` (an endolysosome around it, or at its
+    rim) the dot's two densest voxels must average ``strict_core_level``.
     """
     top2 = float(np.mean(np.sort(raw)[-2:]))
     if top2 >= settings["strict_core_level"]:
@@ -409,4 +409,4 @@ def _lone_particle(index: NDArray, raw: NDArray, volume: Any, to_density: Callab
     ring = outer & ~ndimage.binary_dilation(own, np.ones((1, 3, 3), bool)) & (dens < settings["min_level"])
     if ring.sum() < 4:
         return True
-    return float(dens[ring].mean()) < settings["dense_context"]
+    return float(np.percentile(dens[ring], 75)) < settings["dense_context"]

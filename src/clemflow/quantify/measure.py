@@ -176,12 +176,15 @@ def quantify_stack(
         block_px = max(int(round(_um(s.particle_block_size) / px)), 4)
         found = seg.find_particles(mips[roles.particles], sigma_px, block_px, s.particle_offset_sd)
         particles = found.signal
-        flux, flux_in = _particle_signal(part, found, endo_planes, (y0, x0), t_endo, labels, block_px, n)
+        inside = _in_endolysosomes(part, found, endo_planes, (y0, x0), t_endo, labels)
+        flux, flux_in = _particle_signal(part, found, inside, labels, block_px, n)
+        # an object's area counts as inside when the object is (in 3D), not where its projection overlaps one
+        particles_in = particles & np.concatenate([[False], inside])[found.regions]
     else:
-        particles = np.zeros((h, w), bool)
+        particles = particles_in = np.zeros((h, w), bool)
         flux = flux_in = np.zeros(n + 1)
     part_px = _per_cell(labels, particles, n)
-    part_in_px = _per_cell(labels, particles & endo_mask, n)
+    part_in_px = _per_cell(labels, particles_in, n)
 
     area_px = _per_cell(labels, None, n)
     yy, xx = np.indices((h, w), dtype=np.float64)
@@ -232,18 +235,35 @@ def _cell_box(coarse_labels: NDArray, b: int, shape: tuple[int, int]) -> tuple[i
     return int(rows[0] * b), int(y1), int(cols[0] * b), int(x1)
 
 
-def _particle_signal(
+def _in_endolysosomes(
     part: NDArray, found: seg.Particles, endo_planes: NDArray, origin: tuple[int, int], t_endo: float,
-    labels: NDArray, block_px: int, n: int,
+    labels: NDArray,
+) -> NDArray[np.bool_]:
+    """Per object: is it in an endolysosome? Its peak is, in 3D: in the endolysosome mask of the plane where the
+    object is brightest (or the next one). A projection cannot tell: a free particle above or below an
+    endolysosome overlaps it there."""
+    inside = np.zeros(len(found.peak_yx), bool)
+    if len(found.peak_yx) == 0:
+        return inside
+    r, c = found.peak_yx[:, 0], found.peak_yx[:, 1]
+    z = part[:, r, c].argmax(0)
+    rr, cc = r - origin[0], c - origin[1]
+    ok = (labels[r, c] > 0) & (rr >= 0) & (rr < endo_planes.shape[1]) & (cc >= 0) & (cc < endo_planes.shape[2])
+    for step in (-1, 0, 1):
+        zz = np.clip(z[ok] + step, 0, len(endo_planes) - 1)
+        inside[ok] |= endo_planes[zz, rr[ok], cc[ok]] > t_endo
+    return inside
+
+
+def _particle_signal(
+    part: NDArray, found: seg.Particles, inside: NDArray[np.bool_], labels: NDArray, block_px: int, n: int,
 ) -> tuple[NDArray, NDArray]:
-    """Particle signal per cell, all of it and the part in endolysosomes.
+    """Particle signal per cell, all of it and the part in endolysosomes (objects ``inside``).
 
     Signal (the sum projection above its background) is proportional to the
     number of particles whatever their packing, so its share estimates the
     share of particles, which areas cannot: a lone 50 nm particle looks as big
-    as the diffraction spot. An object is in an endolysosome when its peak is,
-    in 3D: in the endolysosome mask of the plane where the object is brightest
-    (or the next one).
+    as the diffraction spot.
     """
     total = part.sum(0, dtype=np.float32)
     bg, _ = seg.robust_background(total, block_px)
@@ -253,14 +273,6 @@ def _particle_signal(
         return flux, np.zeros(n + 1)
     index = np.arange(1, len(found.peak_yx) + 1)
     obj_flux = np.clip(ndi.sum(above, found.regions, index), 0, None)
-    r, c = found.peak_yx[:, 0], found.peak_yx[:, 1]
-    owner = labels[r, c]
-    z = part[:, r, c].argmax(0)
-    inside = np.zeros(len(index), bool)
-    rr, cc = r - origin[0], c - origin[1]
-    ok = (owner > 0) & (rr >= 0) & (rr < endo_planes.shape[1]) & (cc >= 0) & (cc < endo_planes.shape[2])
-    for step in (-1, 0, 1):
-        zz = np.clip(z[ok] + step, 0, len(endo_planes) - 1)
-        inside[ok] |= endo_planes[zz, rr[ok], cc[ok]] > t_endo
+    owner = labels[found.peak_yx[:, 0], found.peak_yx[:, 1]]
     flux_in = np.bincount(owner, weights=obj_flux * inside, minlength=n + 1)[: n + 1]
     return flux, flux_in

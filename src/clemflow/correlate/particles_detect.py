@@ -262,13 +262,13 @@ def _scan(volume: Any, to_density: Callable, factors: tuple[int, int, int], voxe
         mask, smooth = particle_mask(dens, tuple(voxel), diameter_um=settings["diameter_um"],
                                      min_level=settings["min_level"], min_contrast=settings["min_contrast"],
                                      line_um=settings["line_um"])
-        core = slice(z0 - a, z1 - a)
-        labels, n = ndimage.label(mask[core], structure)
+        own = slice(z0 - a, z1 - a)  # the chunk's planes, without the filters' margin
+        labels, n = ndimage.label(mask[own], structure)
         if n:
             zz, yy, xx = np.nonzero(labels)
             lab = labels[zz, yy, xx]
-            lev = smooth[core][zz, yy, xx]
-            cores = particle_cores(dens, settings["core_level"], int(settings["core_voxels"]))[core]
+            lev = smooth[own][zz, yy, xx]
+            cores = particle_cores(dens, settings["core_level"], int(settings["core_voxels"]))[own]
             keep = np.zeros(n + 1, bool)
             keep[lab[cores[zz, yy, xx]]] = True
             keep = keep[1:]
@@ -276,7 +276,7 @@ def _scan(volume: Any, to_density: Callable, factors: tuple[int, int, int], voxe
             renumber = np.cumsum(keep) - 1 + found.n_dots
             found.index.append(np.column_stack([zz[ok] + z0, yy[ok], xx[ok]]))
             found.level.append(lev[ok])
-            found.raw.append(dens[core][zz[ok], yy[ok], xx[ok]])
+            found.raw.append(dens[own][zz[ok], yy[ok], xx[ok]])
             found.dot.append(renumber[lab[ok] - 1])
             found.n_dots += int(keep.sum())
         if progress is not None:

@@ -157,3 +157,28 @@ def test_overlay_of_simulated_field(treated, tmp_path):
 
     rgb = matplotlib.image.imread(path)
     assert rgb.shape[1] == q.labels.shape[1]
+
+
+def test_plane_significance_is_calibrated_on_noise():
+    """Noise alone stays under the false-alarm threshold; a faint spot in one plane scores its true SNR."""
+    from scipy import ndimage as ndi
+
+    from clemflow.quantify import segment as seg
+
+    rng = np.random.default_rng(7)
+    stack = rng.poisson(30.0, (8, 256, 256)).astype(np.float32)
+    sigma = 1.0
+    mip = ndi.gaussian_filter(stack.max(0), sigma)
+    peaks = np.argwhere((mip == ndi.maximum_filter(mip, 3)) & (mip > np.percentile(mip, 99.5)))
+    peaks = peaks[(peaks > 12).all(1) & (peaks < 244).all(1)]
+    tries = stack.size / (4 * np.pi * sigma**2)
+    assert seg.plane_significance(stack, peaks, sigma).max() < seg.significance_threshold(tries, 0.01)
+    # a Gaussian spot (SD 1 px, amplitude a) after smoothing by SD 1 px: peak a/2 over noise sqrt(30) * sum(g²)
+    yy, xx = np.mgrid[:256, :256]
+    spot = 12.0 * np.exp(-((yy - 128) ** 2 + (xx - 100) ** 2) / 2.0)
+    g = np.exp(-0.5 * np.arange(-3, 4) ** 2)
+    g /= g.sum()
+    expected = 6.0 / (np.sqrt(30.0) * np.sum(g * g))
+    stack[5] += spot
+    got = seg.plane_significance(stack, np.array([[128, 100]]), sigma)[0]
+    assert abs(got - expected) < 0.35 * expected, (got, expected)

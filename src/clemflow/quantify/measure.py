@@ -22,6 +22,9 @@ from . import segment as seg
 
 __all__ = ["CellQuant", "ChannelRoles", "ImageQuant", "quantify_stack"]
 
+PARTICLE_FALSE_ALARM = 0.01
+"""Chance that noise alone yields a particle anywhere in a stack (what keeps untreated cells free of them)."""
+
 
 @dataclass(frozen=True)
 class ChannelRoles:
@@ -175,6 +178,10 @@ def quantify_stack(
     if part is not None:
         block_px = max(int(round(_um(s.particle_block_size) / px)), 4)
         found = seg.find_particles(mips[roles.particles], sigma_px, block_px, s.particle_offset_sd)
+        # an object must stand out of the noise in some plane, against every try noise had in the stack
+        tries = n_z * h * w / (4 * np.pi * max(sigma_px, 0.5) ** 2)
+        found = seg.keep_particles(found, seg.plane_significance(part, found.peak_yx, sigma_px)
+                                   >= seg.significance_threshold(tries, PARTICLE_FALSE_ALARM))
         particles = found.signal
         inside = _in_endolysosomes(part, found, endo_planes, (y0, x0), t_endo, labels)
         flux, flux_in = _particle_signal(part, found, inside, labels, block_px, n)

@@ -18,6 +18,7 @@ detections) is written, and :class:`CorrelationRefused` is raised.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,8 @@ def _particles(lm: LightStack, em: ElectronVolume, reg: Registration, out: Path,
         on_em[key] = None if data is None else resample_to_em(data, lm.voxel_um, matrix, fine.shape, fine_voxel)
     table = classify_clusters(clusters, fine, fine_voxel, lyso_on_em=on_em["lyso"], particle_on_em=on_em["particle"],
                               dense_is_dark=em.dense_is_dark)
+    # back to the EM volume's own frame (the binned grid's voxel 0 sits half a bin in)
+    table = dataclasses.replace(table, center_um=table.center_um + binned_origin_um(em.voxel_um, PARTICLE_VOXEL_UM))
     files.append(table.write_csv(out / "clusters.csv"))
     summary = out / "cell_summary.json"
     summary.write_text(json.dumps(table.summary(), indent=2, default=float), encoding="utf-8")

@@ -102,8 +102,6 @@ def test_per_timepoint_metrics_match_truth(course: Path, quantified: dict) -> No
     assert not misses, "; ".join(misses)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 open: at 1 h the share of particle area in endolysosomes reads "
-                   "0.131 vs truth 0.094 (goal +-0.02): the projected endolysosome mask misses or merges bodies")
 def test_share_in_endolysosomes_matches_truth(course: Path, quantified: dict) -> None:
     misses = _misses(course, quantified, {ENDOLYSOSOME_SHARE})
     assert not misses, "; ".join(misses)

@@ -25,6 +25,9 @@ __all__ = ["CellQuant", "ChannelRoles", "ImageQuant", "quantify_stack"]
 PARTICLE_FALSE_ALARM = 0.01
 """Chance that noise alone yields a particle anywhere in a stack (what keeps untreated cells free of them)."""
 
+ENDOLYSOSOME_RADIUS_UM = 0.5
+"""The largest endolysosome's radius: how far from a particle the body holding it can peak."""
+
 
 @dataclass(frozen=True)
 class ChannelRoles:
@@ -183,7 +186,9 @@ def quantify_stack(
         found = seg.keep_particles(found, seg.plane_significance(part, found.peak_yx, sigma_px)
                                    >= seg.significance_threshold(tries, PARTICLE_FALSE_ALARM))
         particles = found.signal
-        inside = _in_endolysosomes(part, found, endo_planes, (y0, x0), t_endo, labels)
+        reach = max(int(round(ENDOLYSOSOME_RADIUS_UM / px)), 1)
+        inside = _in_endolysosomes(part, found, endo[:, y0:y1, x0:x1], endo_planes, (y0, x0), labels, sigma_px,
+                                   seg.significance_threshold(tries, PARTICLE_FALSE_ALARM), reach)
         flux, flux_in = _particle_signal(part, found, inside, labels, block_px, n)
         # an object's area counts as inside when the object is (in 3D), not where its projection overlaps one
         particles_in = particles & np.concatenate([[False], inside])[found.regions]
@@ -243,22 +248,35 @@ def _cell_box(coarse_labels: NDArray, b: int, shape: tuple[int, int]) -> tuple[i
 
 
 def _in_endolysosomes(
-    part: NDArray, found: seg.Particles, endo_planes: NDArray, origin: tuple[int, int], t_endo: float,
-    labels: NDArray,
+    part: NDArray, found: seg.Particles, endo: NDArray, endo_planes: NDArray, origin: tuple[int, int],
+    labels: NDArray, sigma_px: float, min_sd: float, reach_px: int,
 ) -> NDArray[np.bool_]:
-    """Per object: is it in an endolysosome? Its peak is, in 3D: in the endolysosome mask of the plane where the
-    object is brightest (or the next one). A projection cannot tell: a free particle above or below an
-    endolysosome overlaps it there."""
+    """Per object: is it in an endolysosome? Judged in 3D, in the plane where the object is brightest.
+
+    There, the endolysosome channel (top-hat, smoothed) must hold a maximum
+    within ``reach_px`` (an endolysosome's radius) that stands ``min_sd`` noise
+    SDs above the plane's local background, so a real body is there, and the
+    object's peak must lie within that body's half maximum, its edge. Neither
+    a projection (a free particle above an endolysosome overlaps it there) nor
+    one global threshold (dim small endolysosomes fall below it, bright ones
+    are cut short of their edge) can tell.
+    """
     inside = np.zeros(len(found.peak_yx), bool)
-    if len(found.peak_yx) == 0:
-        return inside
     r, c = found.peak_yx[:, 0], found.peak_yx[:, 1]
-    z = part[:, r, c].argmax(0)
     rr, cc = r - origin[0], c - origin[1]
-    ok = (labels[r, c] > 0) & (rr >= 0) & (rr < endo_planes.shape[1]) & (cc >= 0) & (cc < endo_planes.shape[2])
-    for step in (-1, 0, 1):
-        zz = np.clip(z[ok] + step, 0, len(endo_planes) - 1)
-        inside[ok] |= endo_planes[zz, rr[ok], cc[ok]] > t_endo
+    _, hp, wp = endo_planes.shape
+    ok = np.flatnonzero((labels[r, c] > 0) & (rr >= 0) & (rr < hp) & (cc >= 0) & (cc < wp))
+    if len(ok) == 0:
+        return inside
+    z = part[:, r, c].argmax(0)
+    noise = np.array([seg.pixel_noise(p[::4]) for p in endo]) * seg.smoothing_gain(sigma_px)
+    window = 2 * reach_px
+    for i in ok:
+        plane = endo_planes[z[i]]
+        y, x = rr[i], cc[i]
+        bg = float(np.median(plane[max(y - window, 0): y + window + 1, max(x - window, 0): x + window + 1]))
+        top = float(plane[max(y - reach_px, 0): y + reach_px + 1, max(x - reach_px, 0): x + reach_px + 1].max()) - bg
+        inside[i] = top > min_sd * noise[z[i]] and plane[y, x] - bg >= 0.5 * top
     return inside
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "pixel_noise",
     "Particles",
     "find_particles",
+    "block_noise",
+    "smoothing_gain",
     "keep_particles",
     "plane_significance",
     "significance_threshold",
@@ -186,12 +188,16 @@ BALL_VARIANCE = 0.2
 def find_particles(
     mip: NDArray, sigma_px: float, block_px: int, offset_sd: float, psf_sigma_px: float | None = None,
 ) -> Particles:
-    """Particles in a projection: outlined ``offset_sd`` robust SDs above the local background, sized by their width.
+    """Particles in a projection: outlined ``offset_sd`` noise SDs above the local background, sized by their width.
 
     Detection runs on the Gaussian-smoothed projection; an object counts only
     if its peak reaches twice the offset (hysteresis: the maximum of many noisy
     planes has a long upper tail, and one pixel of it is not a particle).
-    Touching objects are split at the saddles between their maxima.
+    Touching objects are split at the saddles between their maxima. The SD
+    is the pixel noise's (neighbour differences, smoothed as the image is) or
+    the spread of the block, whichever is less: where particles are dense
+    (late timepoints) their own signal widens a block's spread, and dim ones
+    among them would be lost against it.
 
     An object's size is not its footprint (which grows with brightness) nor
     its half-maximum area (a cluster below the resolution still shows the
@@ -201,13 +207,15 @@ def find_particles(
     where the profile stands above the level it has at radius r, i.e. a disc
     of radius r for a round object, the object's own shape otherwise; a point
     source keeps just its peak pixel. The point source's variance is measured
-    on the image (the narrowest bright objects); with fewer than ten bright
+    on the image (the narrowest objects that stand ten times the block's
+    spread above it, where a width is not bent by noise or neighbours); with fewer than ten bright
     objects it is taken from ``psf_sigma_px`` (default: ``sigma_px``, the
     smoothing being matched to the point spread) and the smoothing.
     """
     raw = np.asarray(mip, np.float32)
     smooth = ndi.gaussian_filter(raw, sigma_px) if sigma_px > 0 else raw
-    bg, sd = robust_background(smooth, block_px)
+    bg, spread = robust_background(smooth, block_px)
+    sd = np.minimum(spread, block_noise(raw, block_px) * np.float32(smoothing_gain(sigma_px)))
     score = (smooth - bg) / sd
     # the smoothing averages fewer independent pixels at the image edge, so its noise is larger there: the outer
     # frame is not searched (only cells cut by the border, which are not measured, reach into it)
@@ -230,7 +238,7 @@ def find_particles(
     peak[0] = np.inf
     half = np.bincount(regions.ravel(), weights=(height >= 0.5 * peak[regions]).ravel(), minlength=m + 1)
     var = half / (2 * np.pi * np.log(2))  # a Gaussian's area at half maximum is 2 ln2 pi variance
-    bright = (peak[1:] >= 10 * _label_max(sd, regions, m)[1:]) if m else np.zeros(0, bool)
+    bright = (peak[1:] >= 10 * _label_max(spread, regions, m)[1:]) if m else np.zeros(0, bool)
     point = float(np.percentile(var[1:][bright], 10)) if bright.sum() >= 10 else assumed
     own = np.clip(var - point, 0, None)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -265,8 +273,7 @@ def plane_significance(stack: NDArray, peak_yx: NDArray, sigma_px: float, window
     x = np.arange(-r, r + 1, dtype=np.float64)
     g = np.exp(-0.5 * (x / max(sigma_px, 1e-6)) ** 2)
     g /= g.sum()
-    # a separable kernel g x g scales white noise by sqrt(sum of its squared weights) = sum(g²)
-    noise = np.array([pixel_noise(p[::4]) for p in planes]) * float(np.sum(g * g))
+    noise = np.array([pixel_noise(p[::4]) for p in planes]) * smoothing_gain(sigma_px)
     w = max(window_px, r + 1)
     yy = np.clip(peak_yx[:, 0][:, None] + np.arange(-w, w + 1)[None], 0, planes.shape[1] - 1)  # (n, 2w+1)
     xx = np.clip(peak_yx[:, 1][:, None] + np.arange(-w, w + 1)[None], 0, planes.shape[2] - 1)
@@ -277,6 +284,34 @@ def plane_significance(stack: NDArray, peak_yx: NDArray, sigma_px: float, window
     smooth = np.stack([np.tensordot(smooth_y[..., k: k + 2 * r + 1], g, axes=([3], [0])) for k in range(3)], 3)
     score = (smooth.max(axis=(2, 3)) - bg) / noise[:, None]  # (Z, n)
     return score.max(0)
+
+
+def smoothing_gain(sigma_px: float) -> float:
+    """Factor by which a Gaussian of ``sigma_px`` (truncated at 3 sigma) scales white pixel noise.
+
+    A separable kernel g x g scales it by sqrt(sum of its squared weights), which is sum(g²).
+    """
+    if sigma_px <= 0:
+        return 1.0
+    r = max(int(np.ceil(3 * sigma_px)), 1)
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma_px) ** 2)
+    g /= g.sum()
+    return float(np.sum(g * g))
+
+
+def block_noise(image: NDArray, block_px: int) -> NDArray[np.float32]:
+    """One pixel's noise SD per block (as :func:`pixel_noise`: neighbour differences, robust to structure),
+    bilinear between block centres."""
+    h, w = image.shape
+    b = max(4, min(int(block_px), h, w))
+    hh, ww = max(h // b, 1), max(w // b, 1)
+    d = np.diff(np.asarray(image[: hh * b, : ww * b + 1], np.float32), axis=-1)
+    if d.shape[1] < ww * b:  # the block grid reaches the last column: it repeats its neighbour's difference
+        d = np.concatenate([d, d[:, -1:]], axis=1)
+    blocks = d.reshape(hh, b, ww, b).transpose(0, 2, 1, 3).reshape(hh, ww, b * b)
+    med = np.median(blocks, axis=-1)
+    mad = np.median(np.abs(blocks - med[..., None]), axis=-1) * np.float32(1.4826 / np.sqrt(2))
+    return expand_blocks(mad, b, (h, w), smooth=True)
 
 
 def significance_threshold(n_tests: float, alpha: float = 0.01) -> float:

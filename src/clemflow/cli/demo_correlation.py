@@ -25,7 +25,7 @@ from .demo_slice_and_view import _demo_protocol_text, _run_engine
 
 __all__ = ["correlation_stage"]
 
-SURVEY_SLICES = 90  # 9 µm at 100 nm: from the cell's middle most of the way to its edge
+SURVEY_SLICES = 70  # 7 µm at 100 nm: from the cell's middle, well past where the droplets confirm it
 UPDATE_EVERY = 10  # slices (1 µm) between online verdicts
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Blobs"]
+__all__ = ["Blobs", "checked_sizes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,3 +38,14 @@ class Blobs:
     def subset(self, which: np.ndarray) -> "Blobs":
         """The blobs picked by a boolean mask or an index array."""
         return Blobs(self.center_um[which], self.radius_um[which], self.score[which])
+
+
+def checked_sizes(voxel_um: tuple[float, float, float], diameter_um: tuple[float, float]) -> np.ndarray:
+    """A detector's voxel (z, y, x) as an array, after checking it and the diameter range it looks for."""
+    voxel = np.asarray(voxel_um, float)
+    if voxel.shape != (3,) or np.any(voxel <= 0):
+        raise ValueError(f"voxel_um must be three positive sizes (z, y, x) in µm; got {voxel_um}")
+    d_lo, d_hi = diameter_um
+    if not 0 < d_lo <= d_hi:
+        raise ValueError(f"diameter_um must be (smallest, largest) with 0 < smallest <= largest; got {diameter_um}")
+    return voxel

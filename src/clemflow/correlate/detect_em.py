@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 
-from .blobs import Blobs
+from .blobs import Blobs, checked_sizes
 
 __all__ = ["bin_volume", "detect_em_droplets", "noise_curve"]
 
@@ -276,12 +276,8 @@ def detect_em_droplets(
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume must be (Z, Y, X); got shape {volume.shape}")
-    voxel = np.asarray(voxel_um, float)
-    if voxel.shape != (3,) or np.any(voxel <= 0):
-        raise ValueError(f"voxel_um must be three positive sizes (z, y, x) in µm; got {voxel_um}")
+    voxel = checked_sizes(voxel_um, diameter_um)
     d_lo, d_hi = diameter_um
-    if not 0 < d_lo <= d_hi:
-        raise ValueError(f"diameter_um must be (smallest, largest) with 0 < smallest <= largest; got {diameter_um}")
     binned, vox = bin_volume(volume, voxel, working_voxel_um)
     dens = -binned if dense_is_dark else binned
     extent = (np.array(dens.shape) - 1) * vox

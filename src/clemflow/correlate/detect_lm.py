@@ -34,7 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage, optimize, stats
 
-from .blobs import Blobs
+from .blobs import Blobs, checked_sizes
 
 __all__ = ["detect_lm_droplets", "noise_model", "stabilise"]
 
@@ -240,12 +240,8 @@ def detect_lm_droplets(
     stack = np.asarray(stack)
     if stack.ndim != 3:
         raise ValueError(f"stack must be (Z, Y, X); got shape {stack.shape}: pass one channel of a (C, Z, Y, X) stack")
-    voxel = np.asarray(voxel_um, float)
-    if voxel.shape != (3,) or np.any(voxel <= 0):
-        raise ValueError(f"voxel_um must be three positive sizes (z, y, x) in µm; got {voxel_um}")
+    voxel = checked_sizes(voxel_um, diameter_um)
     d_lo, d_hi = diameter_um
-    if not 0 < d_lo <= d_hi:
-        raise ValueError(f"diameter_um must be (smallest, largest) with 0 < smallest <= largest; got {diameter_um}")
     psf = np.array([psf_sigma_um[0], psf_sigma_um[1], psf_sigma_um[1]], float)
     threshold = MIN_SCORE if min_score is None else float(min_score)
 

@@ -36,7 +36,7 @@ from .blobs import Blobs
 from .detect_em import detect_em_droplets
 from .merge import merge_touching
 from .register import CorrelationRefused, Registration, register_points
-from .working import fill_no_data
+from .working import bin_factors, fill_no_data
 
 __all__ = ["OnlineCorrelation", "Verdict", "online_from_protocol"]
 
@@ -97,8 +97,8 @@ class OnlineCorrelation:
     def add(self, image: np.ndarray, pixel_um: float, thickness_um: float) -> Verdict | None:
         """One aligned slice (the face only); returns a new verdict when this slice completes an update."""
         if self._voxel is None:
-            self._fxy = max(1, int(np.floor(self.working_xy / pixel_um + 0.25)))
-            self._fz = max(1, int(np.floor(self.working_z / thickness_um + 0.25)))
+            self._fz, self._fxy, _ = bin_factors((thickness_um, pixel_um, pixel_um),
+                                                 (self.working_z, self.working_xy, self.working_xy))
             self._voxel = (thickness_um * self._fz, pixel_um * self._fxy, pixel_um * self._fxy)
         f = self._fxy
         h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 
 from ..protocol.analysis import Correlation
 from .blobs import Blobs
@@ -81,12 +82,15 @@ def write_blobs(path: Path, blobs: Blobs) -> Path:
     return path
 
 
-def _lm_channel(lm: LightStack, names: tuple[str | int | None, ...]) -> np.ndarray | None:
-    for name in names:
-        if name is None:
-            continue
+ROLES = {"488": ("488", "BODIPY", 1), "405": ("405", "LysoTracker", 0), "639": ("639", "Cy5", 2)}
+"""Where each stain is looked for in a light stack: by channel name, stain, then the usual index."""
+
+
+def _channel_index(lm: LightStack, role: str) -> int | None:
+    """Index of the channel that holds ``role`` (a key of :data:`ROLES`), or None when the stack has none."""
+    for name in ROLES[role]:
         try:
-            return np.asarray(lm.channel(name))
+            return lm.index(name)
         except (KeyError, ValueError, IndexError):
             continue
     return None
@@ -133,8 +137,9 @@ def correlate(lm: LightStack, em: ElectronVolume, out: str | Path, settings: Cor
                                  channel=str(channel)))
     files.append(write_landmarks(out / "landmarks.csv", lm_droplets, em_droplets, reg))
     # on the droplet grid (about 50 nm): the light channels gain nothing from a finer one
-    files.append(write_lm_on_em(out / "lm_on_em.ome.tif", lm, _to_binned(reg.matrix, em, DROPLET_VOXEL_UM),
-                                tuple(volume.shape), voxel))
+    lm_on_em = write_lm_on_em(out / "lm_on_em.ome.tif", lm, _to_binned(reg.matrix, em, DROPLET_VOXEL_UM),
+                              tuple(volume.shape), voxel)
+    files.append(lm_on_em)
     step("light channels on the EM grid", 1, 1)
     result = Correlated(reg, lm_droplets, em_droplets, files=files)
 
@@ -144,7 +149,9 @@ def correlate(lm: LightStack, em: ElectronVolume, out: str | Path, settings: Cor
     elif particles:
         result.clusters = _particles(lm, em, reg, out, files, step)
     if overlays:
-        files.extend(_overlays(lm, out, volume, voxel, em, reg, result))
+        written = tifffile.memmap(lm_on_em, mode="r")
+        written = written[None] if written.ndim == 3 else written  # a one-channel stack reads back as (Z, Y, X)
+        files.extend(_overlays(lm, written, out, volume, voxel, em, reg, result))
         step("overlays", 1, 1)
     return result
 
@@ -160,9 +167,9 @@ def _particles(lm: LightStack, em: ElectronVolume, reg: Registration, out: Path,
     clusters = detect_clusters(fine, fine_voxel, dense_is_dark=em.dense_is_dark)
     matrix = _to_binned(reg.matrix, em, PARTICLE_VOXEL_UM)
     on_em: dict[str, np.ndarray | None] = {}
-    for key, names in (("lyso", ("405", "LysoTracker", 0)), ("particle", ("639", "Cy5", 2))):
-        data = _lm_channel(lm, names)
-        on_em[key] = None if data is None else resample_to_em(data, lm.voxel_um, matrix, fine.shape, fine_voxel)
+    for key, role in (("lyso", "405"), ("particle", "639")):
+        c = _channel_index(lm, role)
+        on_em[key] = None if c is None else resample_to_em(lm.data[c], lm.voxel_um, matrix, fine.shape, fine_voxel)
     table = classify_clusters(clusters, fine, fine_voxel, lyso_on_em=on_em["lyso"], particle_on_em=on_em["particle"],
                               dense_is_dark=em.dense_is_dark)
     # back to the EM volume's own frame (the binned grid's voxel 0 sits half a bin in)
@@ -175,19 +182,16 @@ def _particles(lm: LightStack, em: ElectronVolume, reg: Registration, out: Path,
     return table
 
 
-def _overlays(lm: LightStack, out: Path, volume: np.ndarray, voxel: tuple[float, float, float], em: ElectronVolume,
-              reg: Registration, result: Correlated) -> list[Path]:
-    from .outputs import resample_to_em
-    from .overlays import write_overlays
+def _overlays(lm: LightStack, lm_on_em: np.ndarray, out: Path, volume: np.ndarray, voxel: tuple[float, float, float],
+              em: ElectronVolume, reg: Registration, result: Correlated) -> list[Path]:
+    """EM planes with the light channels as contours; ``lm_on_em`` (C, Z, Y, X) is the resampled stack just written."""
     from .models import apply
+    from .overlays import write_overlays
 
     origin = binned_origin_um(em.voxel_um, DROPLET_VOXEL_UM)
     matrix = _to_binned(reg.matrix, em, DROPLET_VOXEL_UM)
-    lm_on_em = {}
-    for name, names in (("488", ("488", "BODIPY", 1)), ("405", ("405", "LysoTracker", 0)), ("639", ("639", "Cy5", 2))):
-        data = _lm_channel(lm, names)
-        if data is not None:
-            lm_on_em[name] = resample_to_em(data, lm.voxel_um, matrix, volume.shape, voxel)
-    return write_overlays(out, volume, voxel, lm_on_em,
+    channels = {role: _channel_index(lm, role) for role in ROLES}
+    on_em = {role: np.asarray(lm_on_em[c]) for role, c in channels.items() if c is not None}
+    return write_overlays(out, volume, voxel, on_em,
                           droplets_em=_shifted(result.em_droplets, -origin),
                           mapped_lm_droplets=apply(matrix, result.lm_droplets.center_um))

@@ -70,6 +70,7 @@ def per_cell(run: RunQuant, spec: TimecourseSpec) -> None:
               for t in protocol.confocal.targets.items}
     half = (np.array(spec.shape[::-1]) - 1) / 2 * spec.pixel_um
     pairs = {m: [] for m in ("area_um2", "volume_um3", "particle_area_fraction", "endolysosomal_volume_fraction")}
+    areas: dict[str, np.ndarray] = {}  # group -> summed particle area (µm²): inside measured, truth; free measured, truth
     unmatched = 0
     for row in run.cells:
         key = row.stack.path.relative_to(run.run_dir).as_posix()
@@ -85,6 +86,11 @@ def per_cell(run: RunQuant, spec: TimecourseSpec) -> None:
             continue
         for m in pairs:
             pairs[m].append((getattr(row.cell, m), best[m]))
+        share, true_share = row.cell.particle_in_endolysosome_fraction, best["particle_area_in_endolysosomes_fraction"]
+        if math.isfinite(share) and math.isfinite(true_share):
+            got, want = row.cell.particle_area_um2, best["particle_area_fraction"] * best["area_um2"]
+            group = areas.setdefault(f"{row.stack.timepoint_s / 3600:g} h", np.zeros(4))
+            group += (got * share, want * true_share, got * (1 - share), want * (1 - true_share))
     print(f"\nper cell (matched by centroid within 6 µm; {unmatched} of {len(run.cells)} unmatched): "
           "median measured/truth, and the middle 80 %")
     for m, v in pairs.items():
@@ -93,6 +99,11 @@ def per_cell(run: RunQuant, spec: TimecourseSpec) -> None:
         r = a[ok, 0] / a[ok, 1]
         if len(r):
             print(f"  {m:32s} {np.median(r):6.3f}   [{np.percentile(r, 10):6.3f}, {np.percentile(r, 90):6.3f}]  n={len(r)}")
+    print("\nparticle area inside endolysosomes and free, summed over matched cells with particles: measured / truth µm²"
+          " (the share is off where the two ratios differ)")
+    for group, (got_in, want_in, got_free, want_free) in areas.items():
+        print(f"  {group:6s} inside {got_in:8.1f} / {want_in:8.1f} ({got_in / max(want_in, 1e-9):4.2f})   "
+              f"free {got_free:8.1f} / {want_free:8.1f} ({got_free / max(want_free, 1e-9):4.2f})")
 
 
 def main() -> None:

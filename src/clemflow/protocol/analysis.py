@@ -66,6 +66,11 @@ class Quantification(ProtocolModel):
     cell_threshold: Literal["otsu", "li"] = "otsu"
     particle_block_size: Length = "5 um"  # type: ignore[assignment]
     particle_offset_sd: float = Field(3.0, ge=0, description="Particles are this many robust SDs above background.")
+    particle_diameter: Length = Field(  # type: ignore[assignment]
+        "55 nm",
+        description="Diameter of one particle: the area a faint spot counts per particle it holds, since no light "
+        "image resolves its size.",
+    )
     min_cell_diameter: Length = "10 um"  # type: ignore[assignment]
     overlays_per_timepoint: int = Field(4, ge=0, le=100)
 

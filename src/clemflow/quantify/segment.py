@@ -15,7 +15,7 @@ are handled at full resolution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -172,13 +172,17 @@ class Particles:
     adaptive threshold); ``signal``: the object's own extent, the area that
     is reported (see :func:`find_particles`); ``peak_yx``: each object's
     brightest pixel (row i is label i+1); ``point_var_px``: the variance (px²,
-    per axis) of a point source in the smoothed projection, measured or assumed.
+    per axis) of a point source in the smoothed projection, measured or assumed;
+    ``height`` and ``score``: each object's peak above the background, in
+    grey levels and in noise SDs.
     """
 
     regions: NDArray[np.int32]
     signal: NDArray[np.bool_]
     peak_yx: NDArray[np.int64]  # (N, 2)
     point_var_px: float = float("nan")
+    height: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    score: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 BALL_VARIANCE = 0.2
@@ -249,7 +253,8 @@ def find_particles(
     order = np.lexsort((val, lab))
     last = np.flatnonzero(np.diff(lab[order], append=m + 1))  # the brightest pixel of each label, labels 1..m
     peak_yx = np.stack(np.unravel_index(where[order[last]], raw.shape), 1).astype(np.int64)
-    return Particles(regions, signal, peak_yx, point)
+    at = (peak_yx[:, 0], peak_yx[:, 1])
+    return Particles(regions, signal, peak_yx, point, height[at].astype(np.float64), score[at].astype(np.float64))
 
 
 def plane_significance(stack: NDArray, peak_yx: NDArray, sigma_px: float, window_px: int = 10) -> NDArray[np.float64]:
@@ -324,7 +329,8 @@ def keep_particles(found: Particles, keep: NDArray[np.bool_]) -> Particles:
     lut = np.zeros(len(keep) + 1, np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
     regions = lut[found.regions]
-    return Particles(regions, found.signal & (regions > 0), found.peak_yx[keep], found.point_var_px)
+    per_object = [v[keep] if len(v) == len(keep) else v for v in (found.height, found.score)]
+    return Particles(regions, found.signal & (regions > 0), found.peak_yx[keep], found.point_var_px, *per_object)
 
 
 def _label_max(values: NDArray, labels: NDArray, n: int) -> NDArray[np.float32]:

@@ -93,12 +93,18 @@ def write_overlay(path: str | Path, image_quant: ImageQuant, title: str | None =
 
     h, w = q.labels.shape
     dpi = 100
-    fig = plt.figure(figsize=(w / dpi, (h + 70) / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h / (h + 70)))
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_axis_off()
     _, py, px = q.voxel_um
     size = max(8.0, min(h, w) / 60)
+    measured = [c for c in q.cells if not c.touches_border]
+    caption = (f"{title}\n" if title else "") + (
+        f"{len(measured)} cells measured, {q.excluded_at_border} cut by the border (x)\n"
+        "outlines: cells white, endolysosomes yellow" + (", particles cyan" if q.roles.particles else ""))
+    text_pt = max(7.0, size * 0.9)
+    band = int(np.ceil((caption.count("\n") + 1) * text_pt * 1.3 * dpi / 72)) + 8  # the caption's lines, in pixels
+    fig = plt.figure(figsize=(w / dpi, (h + band) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
     for c in q.cells:
         x, y = c.centroid_um[0] / px, c.centroid_um[1] / py
         if c.touches_border:
@@ -107,11 +113,7 @@ def write_overlay(path: str | Path, image_quant: ImageQuant, title: str | None =
         else:
             ax.text(x, y, str(c.label), color="white", fontsize=size * 1.4, ha="center", va="center",
                     fontweight="bold", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"})
-    measured = [c for c in q.cells if not c.touches_border]
-    head = title + "\n" if title else ""
-    fig.text(0.01, 1 - 4 / (h + 70), f"{head}{len(measured)} cells measured, {q.excluded_at_border} cut by the "
-             "border (x)\noutlines: cells white, endolysosomes yellow, particles cyan",
-             fontsize=max(7.0, size * 0.9), va="top", ha="left", color="black")
+    fig.text(0.01, 1 - 4 / (h + band), caption, fontsize=text_pt, va="top", ha="left", color="black")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -58,21 +58,15 @@ class ClemPair:
 
     def em_extent_um(self) -> np.ndarray:
         """(3,) size of the EM volume in µm along x, y, z (voxel centre to voxel centre)."""
-        z, y, x = self.em_voxel_um
-        nz, ny, nx = self.em.shape
-        return np.array([(nx - 1) * x, (ny - 1) * y, (nz - 1) * z])
+        return _extent(self.em.shape, self.em_voxel_um)
 
     def in_em(self, em_points: np.ndarray, margin_um: float = 0.0) -> np.ndarray:
         """Which EM-frame points (N, 3) lie inside the EM volume, ``margin_um`` in from its faces."""
-        p = np.asarray(em_points, float).reshape(-1, 3)
-        return np.all((p >= margin_um) & (p <= self.em_extent_um() - margin_um), axis=1)
+        return _inside(em_points, self.em_extent_um(), margin_um)
 
     def in_lm(self, lm_points: np.ndarray, margin_um: float = 0.0) -> np.ndarray:
-        z, y, x = self.lm_voxel_um
-        nz, ny, nx = self.lm_shape
-        ext = np.array([(nx - 1) * x, (ny - 1) * y, (nz - 1) * z])
-        p = np.asarray(lm_points, float).reshape(-1, 3)
-        return np.all((p >= margin_um) & (p <= ext - margin_um), axis=1)
+        """Which light-frame points (N, 3) lie inside the confocal stack, ``margin_um`` in from its faces."""
+        return _inside(lm_points, _extent(self.lm_shape, self.lm_voxel_um), margin_um)
 
     def objects(self, kind: str, cell_id: int | None = None) -> dict[str, np.ndarray]:
         """Truth of one kind of object of a cell, in both frames.
@@ -127,6 +121,18 @@ def _matrix(linear: np.ndarray, offset: np.ndarray) -> np.ndarray:
     m[:3, :3] = linear
     m[:3, 3] = offset
     return m
+
+
+def _extent(shape: tuple[int, ...], voxel_um: tuple[float, float, float]) -> np.ndarray:
+    """(3,) x, y, z size in µm of a (Z, Y, X) volume, voxel centre to voxel centre."""
+    nz, ny, nx = shape[-3:]
+    z, y, x = voxel_um
+    return np.array([(nx - 1) * x, (ny - 1) * y, (nz - 1) * z])
+
+
+def _inside(points: np.ndarray, extent: np.ndarray, margin_um: float) -> np.ndarray:
+    p = np.asarray(points, float).reshape(-1, 3)
+    return np.all((p >= margin_um) & (p <= extent - margin_um), axis=1)
 
 
 def make_clem_pair(

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from .app import app
-from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, load_protocol_or_exit
 
 
 @app.command("align")
@@ -33,16 +33,9 @@ def align(
     """
     from ..align.offline import AlignmentFolderError, align_offline
     from ..align.sources import SourceError
-    from ..protocol import ProtocolError, load_protocol
     from ..protocol.analysis import Alignment
 
-    settings = Alignment()
-    if protocol_file is not None:
-        try:
-            settings = load_protocol(protocol_file).alignment
-        except ProtocolError as exc:
-            print_problems(exc.problems)
-            raise typer.Exit(EXIT_INVALID) from None
+    settings = load_protocol_or_exit(protocol_file).alignment if protocol_file is not None else Alignment()
     if scheduler is not None and scheduler != "local" and "://" not in scheduler:
         raise typer.BadParameter(f"{scheduler!r}: write 'local' or an address such as tcp://10.0.0.5:8786",
                                  param_hint="--scheduler")

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .app import app
-from .console import EXIT_INVALID, EXIT_REFUSED, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, console, load_protocol_or_exit
 
 VOXEL_HELP = "Voxel size Z Y X in µm, when the file's metadata lacks it (or to override it)."
 
@@ -39,16 +39,9 @@ def correlate_command(
     from ..correlate.inputs import read_em, read_lm
     from ..correlate.pipeline import correlate
     from ..correlate.register import CorrelationRefused
-    from ..protocol import ProtocolError, load_protocol
     from ..protocol.analysis import Correlation
 
-    settings = Correlation()
-    if protocol_file is not None:
-        try:
-            settings = load_protocol(protocol_file).correlation
-        except ProtocolError as exc:
-            print_problems(exc.problems)
-            raise typer.Exit(EXIT_INVALID) from None
+    settings = load_protocol_or_exit(protocol_file).correlation if protocol_file is not None else Correlation()
     try:
         lm = read_lm(lm_path, channel=_channel(lm_channel) if lm_channel else settings.lm_channel,
                      voxel_um=lm_voxel if all(lm_voxel) else None)

@@ -13,9 +13,8 @@ import typer
 from rich.rule import Rule
 
 from ..io.run_folder import RunFolder
-from ..protocol import ProtocolError, load_protocol
 from .app import app
-from .console import EXIT_INVALID, console, print_problems
+from .console import console, load_protocol_or_exit
 from .plan import print_plan
 
 CLEM_PROTOCOL = "clem_2h_6h_24h.yaml"
@@ -41,11 +40,7 @@ def demo(
     console.print(Rule("1. Protocols"))
     protocols = {}
     for path in sorted(folder.glob("*.yaml")):
-        try:
-            protocols[path.name] = load_protocol(path)
-        except ProtocolError as exc:
-            print_problems(exc.problems)
-            raise typer.Exit(EXIT_INVALID) from None
+        protocols[path.name] = load_protocol_or_exit(path)
         console.print(f"[green]✓[/green] {path.name}: valid")
     clem_path = folder / CLEM_PROTOCOL
     clem = protocols[CLEM_PROTOCOL]
@@ -189,7 +184,7 @@ def _timecourse_stage(protocol_path: Path, out: Path, seed: int) -> dict:
     from ..schedule.clock import VirtualClock
     from ..schedule.runner import run_protocol_schedule
 
-    protocol = load_protocol(protocol_path)
+    protocol = load_protocol_or_exit(protocol_path)
     stack = protocol.confocal.zstack.model_copy(update={"range": 4 * 1e-6, "step": 1e-6})
     first_square = {}
     for item in protocol.confocal.targets.items:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from .app import app
-from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, EXIT_UNAVAILABLE, console, load_protocol_or_exit
 
 EXIT_PAUSED = 5  # stopped safely on a fault (or by the operator); the same command resumes the run
 
@@ -35,13 +35,7 @@ def run(
     5 paused on a fault (the message says what to check; the same command resumes).
     """
     from ..io.run_folder import RunFolder, RunFolderError
-    from ..protocol import ProtocolError, load_protocol
-
-    try:
-        protocol = load_protocol(protocol_file)
-    except ProtocolError as exc:
-        print_problems(exc.problems)
-        raise typer.Exit(EXIT_INVALID) from None
+    protocol = load_protocol_or_exit(protocol_file)
     fibsem = protocol.fibsem
     if fibsem is None:
         console.print(f"[red]✗[/red] {protocol_file} has no fibsem section: nothing to mill")

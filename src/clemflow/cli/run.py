@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from ..io.run_folder import RunFolder, RunFolderError
-from ..protocol import Protocol, ProtocolError, load_protocol
+from ..protocol import Protocol
 from .app import app
-from .console import EXIT_INVALID, EXIT_REFUSED, console, print_problems
+from .console import EXIT_INVALID, EXIT_REFUSED, console, load_protocol_or_exit
 from .plan import print_plan
 
 
@@ -24,11 +24,7 @@ def run(
     """Run a protocol on its instruments, writing everything into one run folder."""
     if time_scale <= 0:
         raise typer.BadParameter("must be positive", param_hint="--time-scale")
-    try:
-        protocol = load_protocol(protocol_file)
-    except ProtocolError as exc:
-        print_problems(exc.problems)
-        raise typer.Exit(EXIT_INVALID) from None
+    protocol = load_protocol_or_exit(protocol_file)
     from ..schedule.resume import resume_clock
 
     clock = resume_clock(out, time_scale) if out.exists() else _fresh_clock(time_scale)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["Triangles", "triangles", "match_triangles", "triangle_similarities", "count_agreeing", "HitGrid"]
+__all__ = ["Triangles", "triangles", "match_triangles", "triangle_similarities", "HitGrid"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,20 +134,6 @@ def triangle_similarities(src_pts: np.ndarray, dst_pts: np.ndarray) -> tuple[np.
     return lin, off
 
 
-def count_agreeing(linear: np.ndarray, offset: np.ndarray, src: np.ndarray, dst_tree: cKDTree, radius: float
-                   ) -> np.ndarray:
-    """For each hypothesis, how many distinct destination points receive a source point within ``radius``."""
-    h = len(linear)
-    if h == 0:
-        return np.zeros(0, int)
-    moved = np.einsum("hij,nj->hni", linear, src) + offset[:, None, :]
-    d, idx = dst_tree.query(moved.reshape(-1, 3), 1, distance_upper_bound=radius)
-    hit = np.isfinite(d)
-    key = np.repeat(np.arange(h), len(src))[hit] * (dst_tree.n + 1) + idx[hit]
-    key = np.unique(key)
-    return np.bincount(key // (dst_tree.n + 1), minlength=h)
-
-
 class HitGrid:
     """A voxel map of "which destination point is within ``radius``", for scoring many hypotheses at once.
 
@@ -172,10 +158,6 @@ class HitGrid:
         grid[np.ravel_multi_index(tuple(cells[which][order].T), shape)] = which[0][order]
         self.grid = grid
         self.n = len(p)
-
-    def lookup(self, points: np.ndarray) -> np.ndarray:
-        """(..., 3) points -> index of a destination point within ``radius`` of each, or -1."""
-        return self._lookup_cells((np.asarray(points, float) - self.lo) / self.cell)
 
     def _lookup_cells(self, cells: np.ndarray) -> np.ndarray:
         hi = self.shape - 1

@@ -53,10 +53,6 @@ class Registration:
     candidates: int  # transform hypotheses examined
     models_tried: dict[str, float] = field(default_factory=dict)  # model -> median leave-one-out error, µm
 
-    @property
-    def inliers(self) -> int:
-        return len(self.pairs)
-
 
 class CorrelationRefused(Exception):
     """Registration declined to answer: too few droplets, or too few of them agree on one transform.
